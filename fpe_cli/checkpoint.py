@@ -1,0 +1,230 @@
+"""Checkpoints on disk: load any MLP safetensors file into an `MLP`, save it in fpe's layouts.
+
+Layouts:
+- `plain`: the user's own tensor names and shapes, nothing else (a dense model, no masks).
+- `dense`: original names with widened shapes and exact zeros off-mask, plus `fpe.mask:<key>` (bool)
+  and `fpe.parents:<key>` (int64 lineage) beside them; loads into a plain torch.nn MLP.
+- `packed`: each weight stored as `fpe.values:<key>` (its masked entries, row-major),
+  `fpe.bitmask:<key>` (uint8 rows of little-endian bits) and `fpe.shape:<key>` (int64 [out, in]);
+  biases and lineage as in `dense`.
+Metadata is strings only: `format: pt` plus `fpe.*` keys (JSON-encoded values).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import FORMAT_VERSION, __version__
+from .discovery import FPE_PREFIX, discover_layers
+from .errors import FPEError
+from .masks import pack_mask, unpack_weight
+from .model import MLP, Layer, activation_fn, effective_weight
+from .plan import LayerPlan, SplitPlan
+from .stfile import read_header, read_safetensors, sha256_file, write_safetensors
+
+LAYOUTS = ("plain", "dense", "packed")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass
+class Checkpoint:
+    mlp: MLP
+    layout: str
+    path: Path
+    sha256: str
+    metadata: dict[str, str]
+    tensor_bytes: dict[str, int] = field(default_factory=dict)  # stored bytes of every tensor in the file
+    unused: list[str] = field(default_factory=list)  # tensors that are not part of the chain
+    activation_source: str = "metadata"  # "metadata", "flag" or "default"
+
+
+def metadata_json(metadata: dict[str, str], key: str, default=None):
+    """Decode a JSON-encoded metadata value; a broken one is a clear error."""
+    if key not in metadata:
+        return default
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError:
+        raise FPEError(f"metadata {key!r} is not valid JSON: {metadata[key][:80]!r}") from None
+
+
+def _check_format_version(metadata: dict[str, str], path: Path) -> None:
+    version = metadata.get("fpe.format_version")
+    if version is None:
+        return
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise FPEError(
+            f"{path}: written in fpe format version {version!r}; this fpe reads versions up to {FORMAT_VERSION}",
+            "upgrade fpe",
+        )
+
+
+def _unpack_packed(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Replace `fpe.values/bitmask/shape:<key>` triples by dense weights; returns (tensors, masks)."""
+    out = dict(tensors)
+    masks = {}
+    for name in [n for n in tensors if n.startswith(FPE_PREFIX + "values:")]:
+        key = name.split(":", 1)[1]
+        bits, shape = out.pop(f"{FPE_PREFIX}bitmask:{key}", None), out.pop(f"{FPE_PREFIX}shape:{key}", None)
+        if bits is None or shape is None:
+            raise FPEError(f"packed weight {key!r} lacks its bitmask or shape tensor")
+        if shape.dtype != torch.int64 or tuple(shape.shape) != (2,) or bool((shape < 0).any()):
+            raise FPEError(f"packed weight {key!r}: shape tensor must be int64 [out, in], found {shape.tolist()}")
+        values = out.pop(name)
+        out[key], masks[key] = unpack_weight(values, bits, tuple(int(s) for s in shape), key)
+    leftovers = [n for n in out if n.startswith((FPE_PREFIX + "bitmask:", FPE_PREFIX + "shape:"))]
+    if leftovers:
+        raise FPEError(f"packed storage without values: {', '.join(leftovers)}")
+    return out, masks
+
+
+def _attach_masks_and_lineage(layers: list[Layer], tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+    problems = []
+    for layer in layers:
+        key = layer.weight_key
+        mask = masks.get(key, tensors.get(f"{FPE_PREFIX}mask:{key}"))
+        if mask is not None:
+            if mask.dtype != torch.bool or tuple(mask.shape) != tuple(layer.weight.shape):
+                problems.append(f"mask of {key}: expected bool {tuple(layer.weight.shape)}, found {mask.dtype} {tuple(mask.shape)}")
+            else:
+                layer.mask = mask
+        parents = tensors.get(f"{FPE_PREFIX}parents:{key}")
+        if parents is not None:
+            if parents.dtype != torch.int64 or tuple(parents.shape) != (layer.out_features,):
+                problems.append(f"lineage of {key}: expected int64 ({layer.out_features},), found {parents.dtype} {tuple(parents.shape)}")
+            elif parents.numel() and int(parents.min()) < 0:
+                problems.append(f"lineage of {key}: negative parent index")
+            else:
+                layer.parents = parents
+    if problems:
+        raise FPEError("; ".join(problems))
+
+
+def _resolve_activation(metadata: dict[str, str], flag: str | None) -> tuple[str, str]:
+    if flag:
+        activation_fn(flag)
+        return flag, "flag"
+    for key in ("fpe.activation", "activation"):
+        if key in metadata:
+            name = metadata[key].strip('"').lower()
+            activation_fn(name)
+            return name, "metadata"
+    return "relu", "default"
+
+
+def load_checkpoint(path: Path, layers: list[str] | None = None, activation: str | None = None) -> Checkpoint:
+    """Read, validate and discover the MLP of any safetensors checkpoint (plain, dense or packed)."""
+    path = Path(path)
+    header, _, _ = read_header(path)
+    tensors, metadata = read_safetensors(path)
+    _check_format_version(metadata, path)
+    tensors, masks = _unpack_packed(tensors)
+    layout = "packed" if masks else "dense" if any(k.startswith(FPE_PREFIX + "mask:") for k in tensors) else "plain"
+    if layers is None and "fpe.layers" in metadata:
+        layers = metadata_json(metadata, "fpe.layers")
+    chain, unused = discover_layers(tensors, layers)
+    for layer in chain:
+        if layer.weight.dtype not in FLOAT_DTYPES:
+            raise FPEError(f"{layer.weight_key}: weights must be floating point, found {layer.weight.dtype}")
+    _attach_masks_and_lineage(chain, tensors, masks)
+    act, act_source = _resolve_activation(metadata, activation)
+    sizes = {name: e["data_offsets"][1] - e["data_offsets"][0] for name, e in header.items()}
+    unused = [u for u in unused if not u.startswith(FPE_PREFIX)]
+    return Checkpoint(MLP(chain, act, dict(metadata)), layout, path, sha256_file(path), metadata, sizes, unused, act_source)
+
+
+def check_finite(mlp: MLP) -> None:
+    bad = [
+        key for layer in mlp.layers for key, t in ((layer.weight_key, layer.weight), (layer.bias_key, layer.bias))
+        if t is not None and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise FPEError(f"non-finite (NaN or Inf) values in: {', '.join(bad)}", "fix or retrain the checkpoint")
+
+
+def mlp_tensors(mlp: MLP, layout: str) -> dict[str, torch.Tensor]:
+    """The tensors a layout stores for this MLP."""
+    if layout not in LAYOUTS:
+        raise FPEError(f"unknown layout {layout!r}", f"choose one of: {', '.join(LAYOUTS)}")
+    if layout == "plain" and mlp.has_masks:
+        raise FPEError("the plain layout cannot store masks", "use --layout dense or packed")
+    out: dict[str, torch.Tensor] = {}
+    for layer in mlp.layers:
+        key = layer.weight_key
+        mask = layer.mask if layer.mask is not None else (torch.ones_like(layer.weight, dtype=torch.bool) if layout != "plain" else None)
+        if layout == "packed":
+            out[f"{FPE_PREFIX}values:{key}"] = layer.weight[mask].contiguous()
+            out[f"{FPE_PREFIX}bitmask:{key}"] = pack_mask(mask)
+            out[f"{FPE_PREFIX}shape:{key}"] = torch.tensor(list(layer.weight.shape), dtype=torch.int64)
+        else:
+            out[key] = effective_weight(layer) if layer.mask is not None else layer.weight
+            if layout == "dense":
+                out[f"{FPE_PREFIX}mask:{key}"] = mask
+        if layer.bias is not None:
+            out[layer.bias_key] = layer.bias
+        if layer.parents is not None:
+            out[f"{FPE_PREFIX}parents:{key}"] = layer.parents
+    return out
+
+
+def fpe_metadata(mlp: MLP, layout: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    meta = {k: v for k, v in mlp.metadata.items() if k not in ("format",)}
+    meta.update(extra or {})
+    meta.update({
+        "format": "pt",
+        "fpe.version": __version__,
+        "fpe.format_version": str(FORMAT_VERSION),
+        "fpe.layout": layout,
+        "fpe.activation": mlp.activation,
+        "fpe.layers": json.dumps([layer.weight_key for layer in mlp.layers]),
+    })
+    return meta
+
+
+def save_checkpoint(mlp: MLP, path: Path, layout: str = "packed", metadata: dict[str, str] | None = None,
+                    force: bool = False) -> int:
+    """Write the MLP atomically in `layout`; returns the bytes written."""
+    tensors = mlp_tensors(mlp, layout)
+    return write_safetensors(Path(path), tensors, fpe_metadata(mlp, layout, metadata), force=force)
+
+
+def save_plan(plan: SplitPlan, path: Path, *, source_sha256: str = "", force: bool = False) -> int:
+    """A split plan as its own safetensors artifact: `plan.child:<key>` int16 tensors + JSON metadata."""
+    tensors = {f"plan.child:{p.weight_key}": p.child.to(torch.int16).contiguous() for p in plan.layers}
+    meta = {
+        "format": "pt",
+        "fpe.kind": "plan",
+        "fpe.format_version": str(FORMAT_VERSION),
+        "fpe.plan": json.dumps({
+            "seed": plan.seed,
+            "source_sha256": source_sha256,
+            "layers": [{"weight_key": p.weight_key, "alpha": p.alpha, "split": p.split} for p in plan.layers],
+        }, sort_keys=True),
+    }
+    return write_safetensors(Path(path), tensors, meta, force=force)
+
+
+def load_plan(path: Path) -> SplitPlan:
+    """Read a plan file; structure is checked here, the match with a model when it is applied."""
+    path = Path(path)
+    tensors, metadata = read_safetensors(path)
+    _check_format_version(metadata, path)
+    if metadata.get("fpe.kind") != "plan":
+        raise FPEError(f"{path}: not an fpe split plan (no fpe.kind=plan in its metadata)", "write one with --save-plan")
+    info = metadata_json(metadata, "fpe.plan", {})
+    layers = []
+    for entry in info.get("layers", []) if isinstance(info, dict) else []:
+        key, alpha = entry.get("weight_key"), entry.get("alpha")
+        child = tensors.get(f"plan.child:{key}")
+        if child is None or child.ndim != 2 or child.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
+            raise FPEError(f"{path}: plan entry {key!r} lacks a 2-D integer child tensor")
+        if not isinstance(alpha, int) or alpha < 2:
+            raise FPEError(f"{path}: plan entry {key!r} has alpha {alpha!r}; expected an integer >= 2")
+        layers.append(LayerPlan(key, alpha, str(entry.get("split", "unknown")), child.to(torch.int16)))
+    if not layers:
+        raise FPEError(f"{path}: the plan has no layers")
+    return SplitPlan(layers, int(info.get("seed", 0)))

@@ -1,0 +1,23 @@
+"""The `fpe` command line: the only Typer layer. Commands live in sibling modules by concern.
+
+Each command parses, calls the library, renders. No math, no file formats here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .common import app
+
+COMMAND_MODULES = ("expand_cmds", "train_cmds", "analyze_cmds")
+
+for _name in COMMAND_MODULES:  # importing a module registers its commands on `app`
+    try:
+        importlib.import_module(f"{__name__}.{_name}")
+    except ModuleNotFoundError as exc:  # pragma: no cover - only while a module is being written
+        if exc.name != f"{__name__}.{_name}":
+            raise
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,139 @@
+"""Shared pieces of the Typer layer: the app, option aliases, error mapping, JSON/console output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+import typer
+from rich.console import Console
+
+from .. import __version__
+from ..errors import EXIT_RUNTIME, FPEError
+
+app = typer.Typer(
+    name="fpe",
+    help=(
+        "Fixed Parameter Expansion: widen a trained MLP's hidden layers at the same non-zero weight count.\n\n"
+        "Example:  fpe expand model.safetensors --alpha 4 && fpe params model.fpe4.safetensors"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Diagnostics, tables and progress go to stderr unless a command renders its result on stdout.
+def _console(stderr: bool) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    wide = None if stream.isatty() else 160  # pipes and logs: do not squeeze tables into 80 columns
+    return Console(stderr=stderr, width=wide)
+
+
+err_console = _console(stderr=True)
+out_console = _console(stderr=False)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output file.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")]
+ActivationOpt = Annotated[
+    str | None,
+    typer.Option("--activation", help="Activation between layers when the file does not record one (default relu)."),
+]
+LayersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layers",
+        help="Comma-separated weight tensor names, in order, when the chain cannot be found from names and shapes.",
+    ),
+]
+ModelArg = Annotated[Path, typer.Argument(help="A safetensors checkpoint.", show_default=False)]
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"fpe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Fixed Parameter Expansion for trained MLP checkpoints."""
+
+
+def parse_layers(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise FPEError("--layers is empty", "give weight names separated by commas, e.g. --layers fc1.weight,fc2.weight")
+    return names
+
+
+def report_error(exc: FPEError) -> None:
+    print(f"Error: {exc}", file=sys.stderr)
+    if os.environ.get("FPE_DEBUG") == "1":
+        traceback.print_exc()
+
+
+def handle_errors(func: Callable) -> Callable:
+    """Map the tool's errors to one `Error:` line on stderr and the documented exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except FPEError as exc:
+            report_error(exc)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            print("Error: interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except MemoryError:
+            print("Error: out of memory (try a smaller model or batch size)", file=sys.stderr)
+            raise typer.Exit(EXIT_RUNTIME) from None
+        except Exception as exc:  # noqa: BLE001 - last resort: still one line, traceback on demand
+            print(f"Error: internal error: {type(exc).__name__}: {exc} (rerun with FPE_DEBUG=1 for a traceback)",
+                  file=sys.stderr)
+            if os.environ.get("FPE_DEBUG") == "1":
+                traceback.print_exc()
+            raise typer.Exit(EXIT_RUNTIME) from None
+
+    return wrapper
+
+
+def json_safe(value: Any) -> Any:
+    """Make a value JSON-clean: NaN/Inf become null, tuples lists, numpy/torch scalars plain numbers."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def emit_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def note(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        err_console.print(message, highlight=False)

@@ -1,0 +1,115 @@
+"""`fpe expand`, `params`, `inspect`, `verify`, `convert`: the checkpoint-level commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import report
+from ..pipeline import ExpandOptions, convert_file, expand_file, inspect_report, params_report, verify_file
+from .common import (ActivationOpt, ForceOpt, JsonOpt, LayersOpt, ModelArg, QuietOpt, app, emit_json,
+                     err_console, handle_errors, out_console, parse_layers)
+
+
+def _split_list(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+@app.command()
+@handle_errors
+def expand(
+    model: ModelArg,
+    alpha: Annotated[Optional[int], typer.Option("--alpha", "-a", help="Children per hidden neuron (integer >= 2).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split strategy: random, structured, clause or gram. [default: random]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the split. [default: 0]")] = None,
+    outgoing: Annotated[Optional[str], typer.Option(help="Children's outgoing weights: copy (paper) or split (divide by alpha). [default: copy]")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="Hidden layers to expand, comma-separated names; 're:' marks a regex. [default: all]")] = None,
+    ignore: Annotated[Optional[str], typer.Option(help="Hidden layers never to expand (names or 're:' regexes).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe: alpha, split, seed, outgoing, targets (with per-target alpha/split), ignore.")] = None,
+    plan: Annotated[Optional[Path], typer.Option(help="Apply a saved split plan instead of computing one.")] = None,
+    save_plan: Annotated[Optional[Path], typer.Option(help="Also write the split plan used (safetensors).")] = None,
+    clause_map: Annotated[Optional[Path], typer.Option(help="Clause map (JSON/YAML) for --split clause.")] = None,
+    clusters: Annotated[Optional[int], typer.Option(help="Feature clusters for --split gram. [default: 4*alpha]")] = None,
+    layout: Annotated[str, typer.Option(help="Output storage: packed (values + bitmask) or dense (widened tensors + bool masks).")] = "packed",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. [default: MODEL.fpe<alpha>.safetensors beside the input]")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Data set (npz or built-in name) whose test inputs probe the function drift.")] = None,
+    force: ForceOpt = False,
+    layers: LayersOpt = None,
+    activation: ActivationOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Expand every hidden neuron into alpha children that own disjoint subsets of its edges.
+
+    The weight count stays exactly the source's (global magnitude pruning after copying outgoing
+    columns). FPE changes the function: the report shows the drift; fine-tune afterwards.
+
+    Example:  fpe expand model.safetensors --alpha 4 --split random --seed 0 -o model.fpe4.safetensors
+    """
+    opts = ExpandOptions(model, alpha, split, seed, outgoing, _split_list(targets), _split_list(ignore), recipe, plan,
+                         save_plan, clause_map, clusters, layout, output, force, parse_layers(layers), activation, data)
+    doc = expand_file(opts)
+    emit_json(doc) if json_out else None if quiet else report.render_expand(doc, err_console)
+
+
+@app.command()
+@handle_errors
+def params(model: ModelArg, layers: LayersOpt = None, activation: ActivationOpt = None, json_out: JsonOpt = False) -> None:
+    """Parameter, neuron and byte counts per layer and in total (and the budget of an expanded file).
+
+    Example:  fpe params model.fpe4.safetensors --json | jq .total.weights
+    """
+    doc = params_report(model, parse_layers(layers), activation)
+    emit_json(doc) if json_out else report.render_params(doc, out_console)
+
+
+@app.command()
+@handle_errors
+def inspect(model: ModelArg, layers: LayersOpt = None, activation: ActivationOpt = None, json_out: JsonOpt = False) -> None:
+    """The chain found, every tensor with its dtype and shape, masks, lineage and metadata.
+
+    Example:  fpe inspect model.safetensors
+    """
+    doc = inspect_report(model, parse_layers(layers), activation)
+    emit_json(doc) if json_out else report.render_inspect(doc, out_console)
+
+
+@app.command()
+@handle_errors
+def verify(
+    model: ModelArg,
+    source: Annotated[Optional[Path], typer.Option(help="The dense checkpoint it was expanded from: also check lineage and budget against it.")] = None,
+    layers: LayersOpt = None,
+    activation: ActivationOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check FPE's invariants; exit 3 naming each violation.
+
+    Checks: off-mask weights exactly zero, weights equal the budget, siblings own disjoint edges,
+    and with --source: children's edges are their parent's, and the source is the file expanded.
+
+    Example:  fpe verify model.fpe4.safetensors --source model.safetensors
+    """
+    doc = verify_file(model, source, parse_layers(layers), activation)
+    emit_json(doc) if json_out else report.render_verify(doc, out_console)
+
+
+@app.command()
+@handle_errors
+def convert(
+    model: ModelArg,
+    layout: Annotated[str, typer.Option(help="Target layout: dense, packed or plain (plain: only for files without masks).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output file.")],
+    force: ForceOpt = False,
+    layers: LayersOpt = None,
+    activation: ActivationOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Lossless change of storage layout (packed <-> dense).
+
+    Example:  fpe convert model.fpe4.safetensors --layout dense -o model.fpe4.dense.safetensors
+    """
+    doc = convert_file(model, layout, output, force, parse_layers(layers), activation)
+    emit_json(doc) if json_out else report.render_convert(doc, err_console)

@@ -1,0 +1,32 @@
+"""The tool's own exception types and the exit codes they map to (the CLI renders them)."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_BAD_INPUT = 2
+EXIT_VERIFY_FAILED = 3
+
+
+class FPEError(Exception):
+    """A failure the user can act on: bad input, bad flag, bad file. Exit code 2 by default."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class VerificationError(FPEError):
+    """An FPE invariant does not hold (budget, disjointness, mask). Exit code 3."""
+
+    exit_code = EXIT_VERIFY_FAILED
+
+    def __init__(self, violations: list[str]):
+        self.violations = list(violations)
+        super().__init__(f"{len(violations)} invariant(s) violated: " + "; ".join(violations))

@@ -1,0 +1,173 @@
+"""Apply split plans to an MLP and restore the weight budget (pure: tensors in, tensors out).
+
+The algorithm (method.md section 2), for each targeted hidden layer k in order:
+  1. plan: child[i, j] = which of parent i's alpha children owns edge (i, j);
+  2. producer rows: child c of parent i is row alpha*i + c of W_k' and keeps W_k[i, j] where
+     child[i, j] == c (sibling supports are disjoint by construction);
+  3. biases: each child copies the parent's bias;
+  4. consumer columns: each child copies the parent's outgoing column of W_{k+1} (or 1/alpha of it
+     with outgoing="split"), widening the next layer's input.
+Then once, globally over all weight matrices: prune the smallest-magnitude existing weights until
+the number of weights equals the source's budget exactly (ties: earlier layer, then row-major order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import FPEError
+from .model import MLP, Layer, forward
+from .plan import LayerPlan, SplitPlan, plan_layer, validate_layer_plan
+
+OUTGOING = ("copy", "split")
+
+
+@dataclass
+class Target:
+    """One hidden layer to expand: the producer layer's index in the chain and how to split it."""
+
+    index: int
+    alpha: int
+    split: str = "random"
+
+
+@dataclass
+class ExpandResult:
+    mlp: MLP
+    plan: SplitPlan
+    budget: int
+    before: list[int]  # weights per matrix in the source
+    after: list[int]  # weights per matrix after expansion and pruning
+    pruned: list[int]  # weights pruned per matrix
+    dead_children: list[int] = field(default_factory=list)  # children left with no input edge, per matrix
+
+
+def split_rows(layer: Layer, plan: LayerPlan) -> Layer:
+    """Producer: (h, d) -> (alpha*h, d); child c of parent i owns row alpha*i + c."""
+    alpha, (h, d) = plan.alpha, layer.weight.shape
+    owner = plan.child.to(torch.int64)  # (h, d)
+    children = torch.arange(alpha).view(1, alpha, 1)  # (1, alpha, 1)
+    mask = owner.unsqueeze(1) == children  # (h, alpha, d)
+    weight = layer.weight.unsqueeze(1) * mask.to(layer.weight.dtype)  # (h, alpha, d)
+    bias = layer.bias.repeat_interleave(alpha) if layer.bias is not None else None  # (alpha*h,)
+    parents = torch.arange(h).repeat_interleave(alpha)  # (alpha*h,)
+    return Layer(layer.weight_key, weight.reshape(alpha * h, d), layer.bias_key, bias, mask.reshape(alpha * h, d), parents)
+
+
+def copy_columns(layer: Layer, alpha: int, outgoing: str) -> Layer:
+    """Consumer: (C, h) -> (C, alpha*h); each child's column copies its parent's (or 1/alpha of it)."""
+    if outgoing not in OUTGOING:
+        raise FPEError(f"unknown --outgoing {outgoing!r}", f"choose one of: {', '.join(OUTGOING)}")
+    weight = layer.weight.repeat_interleave(alpha, dim=1)  # (C, alpha*h)
+    if outgoing == "split":
+        weight = weight / alpha
+    mask = layer.support().repeat_interleave(alpha, dim=1)
+    return Layer(layer.weight_key, weight, layer.bias_key, layer.bias, mask, layer.parents)
+
+
+def prune_to_budget(layers: list[Layer], budget: int) -> list[int]:
+    """Remove the globally smallest |w| among existing weights until exactly `budget` remain.
+
+    Ties are broken deterministically: earlier layer first, then row-major position.
+    Returns the number pruned per layer. Mutates the layers' masks and weights.
+    """
+    total = sum(int(layer.mask.sum()) for layer in layers)
+    excess = total - budget
+    if excess <= 0:
+        return [0] * len(layers)
+    mags = torch.cat([layer.weight[layer.mask].abs().to(torch.float32) for layer in layers])  # (total,)
+    threshold = torch.kthvalue(mags, excess).values
+    below = int((mags < threshold).sum())
+    ties_to_prune = excess - below
+    del mags
+    pruned = []
+    for layer in layers:
+        mag = layer.weight.abs().to(torch.float32)
+        drop = layer.mask & (mag < threshold)
+        if ties_to_prune > 0:
+            tie = (layer.mask & (mag == threshold)).flatten()
+            tie_idx = tie.nonzero().flatten()[:ties_to_prune]
+            drop.view(-1)[tie_idx] = True
+            ties_to_prune -= tie_idx.numel()
+        layer.mask = layer.mask & ~drop
+        layer.weight = layer.weight.masked_fill(drop, 0)
+        pruned.append(int(drop.sum()))
+    return pruned
+
+
+def _ensure_masks(mlp: MLP) -> MLP:
+    out = mlp.copy()
+    for layer in out.layers:
+        if layer.mask is None:
+            layer.mask = layer.weight != 0
+    return out
+
+
+def expand_mlp(mlp: MLP, targets: list[Target], *, seed: int = 0, outgoing: str = "copy",
+               plan: SplitPlan | None = None, groups: torch.Tensor | None = None,
+               clusters: int | None = None, prune: bool = True) -> ExpandResult:
+    """Expand every target hidden layer in order, then prune globally back to the source budget."""
+    if len(mlp.layers) < 2:
+        raise FPEError("the model has no hidden layer to expand (a single linear layer)")
+    _check_targets(mlp, targets)
+    before = [layer.active_weights() for layer in mlp.layers]
+    budget = sum(before)
+    work = _ensure_masks(mlp)
+    generator = torch.Generator().manual_seed(seed)
+    plans = []
+    for target in sorted(targets, key=lambda t: t.index):
+        producer = work.layers[target.index]
+        layer_plan = _plan_for(producer, target, plan, generator, groups, clusters)
+        plans.append(layer_plan)
+        work.layers[target.index] = split_rows(producer, layer_plan)
+        work.layers[target.index + 1] = copy_columns(work.layers[target.index + 1], layer_plan.alpha, outgoing)
+    pruned = prune_to_budget(work.layers, budget) if prune else [0] * len(work.layers)
+    after = [int(layer.mask.sum()) for layer in work.layers]
+    dead = [int((~layer.mask.any(dim=1)).sum()) for layer in work.layers]
+    return ExpandResult(work, SplitPlan(plans, seed), budget, before, after, pruned, dead)
+
+
+def _check_targets(mlp: MLP, targets: list[Target]) -> None:
+    if not targets:
+        raise FPEError("no layer selected for expansion", "check --targets/--ignore or the recipe")
+    hidden = len(mlp.layers) - 1
+    for t in targets:
+        if not 0 <= t.index < hidden:
+            raise FPEError(f"layer {t.index} is not a hidden layer (the model has {hidden})")
+    if len({t.index for t in targets}) != len(targets):
+        raise FPEError("a layer is targeted twice")
+
+
+def _plan_for(producer: Layer, target: Target, plan: SplitPlan | None, generator: torch.Generator,
+              groups: torch.Tensor | None, clusters: int | None) -> LayerPlan:
+    support = producer.support()
+    if plan is None:
+        layer_groups = groups if target.index == 0 or target.split != "clause" else None
+        if target.split == "clause" and target.index != 0:
+            raise FPEError(f"{producer.weight_key}: a clause split needs input features; only the first layer has them",
+                           "split deeper layers with random, structured or gram (recipe per target)")
+        return plan_layer(producer.weight, support, target.alpha, target.split, key=producer.weight_key,
+                          generator=generator, groups=layer_groups, clusters=clusters)
+    layer_plan = plan.for_key(producer.weight_key)
+    if layer_plan is None:
+        raise FPEError(f"the plan has no entry for {producer.weight_key}",
+                       f"it covers: {', '.join(p.weight_key for p in plan.layers) or 'nothing'}")
+    problems = validate_layer_plan(layer_plan, support)
+    if problems:
+        raise FPEError("the plan does not match the model: " + "; ".join(problems))
+    return layer_plan
+
+
+def function_drift(dense: MLP, expanded: MLP, x: torch.Tensor) -> dict[str, float]:
+    """How far the expanded model's outputs move from the dense model's on probe inputs x (N, d)."""
+    y0, y1 = forward(dense, x), forward(expanded, x)  # (N, C)
+    diff = (y1 - y0).norm()
+    return {
+        "probe_samples": int(x.shape[0]),
+        "relative_l2": float(diff / y0.norm().clamp(min=1e-12)),
+        "max_abs_diff": float((y1 - y0).abs().max()) if y0.numel() else 0.0,
+        "cosine": float(torch.nn.functional.cosine_similarity(y0.flatten(), y1.flatten(), dim=0)),
+        "argmax_agreement": float((y0.argmax(1) == y1.argmax(1)).float().mean()) if y0.shape[1] > 1 else float("nan"),
+    }

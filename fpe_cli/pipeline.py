@@ -1,0 +1,234 @@
+"""Command workflows that connect files to the pure core: read -> plan -> expand -> write.
+
+Each function takes paths and plain options, returns a JSON-ready report dict, and leaves
+rendering to the CLI. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (Checkpoint, check_finite, load_checkpoint, load_plan, metadata_json, save_checkpoint,
+                         save_plan)
+from .errors import FPEError, VerificationError
+from .expand import ExpandResult, expand_mlp, function_drift
+from .recipe import load_clause_map, load_recipe, parse_selection, select_targets
+from .stfile import check_writable
+from .verify import check_invariants, model_counts
+
+PRUNE_RULE = "global-magnitude; ties: earlier layer, then row-major"
+
+
+@dataclass
+class ExpandOptions:
+    model: Path
+    alpha: int | None = None
+    split: str | None = None
+    seed: int | None = None
+    outgoing: str | None = None
+    targets: list[str] = field(default_factory=list)
+    ignore: list[str] = field(default_factory=list)
+    recipe: Path | None = None
+    plan: Path | None = None
+    save_plan: Path | None = None
+    clause_map: Path | None = None
+    clusters: int | None = None
+    layout: str = "packed"
+    output: Path | None = None
+    force: bool = False
+    layers: list[str] | None = None
+    activation: str | None = None
+    probe_data: str | None = None
+    probe_samples: int = 256
+
+
+def default_output(model: Path, alphas: set[int]) -> Path:
+    tag = f"fpe{alphas.pop()}" if len(alphas) == 1 else "fpe"
+    return model.with_name(f"{model.name.removesuffix('.safetensors')}.{tag}.safetensors")
+
+
+def _resolve_settings(opts: ExpandOptions) -> dict:
+    recipe = load_recipe(opts.recipe) if opts.recipe else {}
+
+    def pick(flag, key, default):
+        return flag if flag is not None else recipe.get(key, default)
+
+    return {
+        "alpha": pick(opts.alpha, "alpha", None),
+        "split": pick(opts.split, "split", "random"),
+        "seed": pick(opts.seed, "seed", 0),
+        "outgoing": pick(opts.outgoing, "outgoing", "copy"),
+        "clusters": pick(opts.clusters, "clusters", None),
+        "targets": opts.targets or recipe.get("targets") or [],
+        "ignore": opts.ignore or recipe.get("ignore") or [],
+    }
+
+
+def probe_inputs(ckpt: Checkpoint, data: str | None, samples: int, seed: int) -> tuple[torch.Tensor, str]:
+    d_in = ckpt.mlp.layers[0].in_features
+    if data:
+        from .data import check_input_width, load_dataset  # data sets only when asked for
+
+        dataset = load_dataset(data)
+        check_input_width(dataset, d_in)
+        return dataset.x_test[:samples].to(torch.float32), f"{data} (test split, first {samples})"
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, d_in, generator=gen), f"{samples} standard-normal inputs (seed {seed})"
+
+
+def expand_file(opts: ExpandOptions) -> dict:
+    """The whole `fpe expand`: returns the report; writes the output (and plan) atomically."""
+    settings = _resolve_settings(opts)
+    ckpt = load_checkpoint(opts.model, opts.layers, opts.activation)
+    check_finite(ckpt.mlp)
+    targets = select_targets(ckpt.mlp, parse_selection(settings["targets"], settings["ignore"]),
+                             settings["alpha"], settings["split"])
+    output = opts.output or default_output(opts.model, {t.alpha for t in targets})
+    check_writable(output, force=opts.force, inputs=(opts.model,))
+    if opts.save_plan:
+        check_writable(opts.save_plan, force=opts.force, inputs=(opts.model, output))
+    groups = load_clause_map(opts.clause_map, ckpt.mlp.layers[0].in_features) if opts.clause_map else None
+    if any(t.split == "clause" for t in targets) and groups is None and opts.plan is None:
+        raise FPEError("--split clause needs a clause map", "pass --clause-map clauses.json")
+    plan = load_plan(opts.plan) if opts.plan else None
+    result = expand_mlp(ckpt.mlp, targets, seed=settings["seed"], outgoing=settings["outgoing"], plan=plan,
+                        groups=groups, clusters=settings["clusters"])
+    probes, probe_desc = probe_inputs(ckpt, opts.probe_data, opts.probe_samples, settings["seed"])
+    drift = function_drift(ckpt.mlp, result.mlp, probes)
+    meta = expanded_metadata(ckpt, result, settings, targets)
+    size = save_checkpoint(result.mlp, output, opts.layout, meta, force=opts.force)
+    if opts.save_plan:
+        save_plan(result.plan, opts.save_plan, source_sha256=ckpt.sha256, force=opts.force)
+    return expand_report(ckpt, result, settings, output, opts, size, drift | {"probe": probe_desc})
+
+
+def expanded_metadata(ckpt: Checkpoint, result: ExpandResult, settings: dict, targets) -> dict[str, str]:
+    resolved = [{"weight": ckpt.mlp.layers[t.index].weight_key, "alpha": t.alpha, "split": p.split}
+                for t, p in zip(sorted(targets, key=lambda t: t.index), result.plan.layers)]
+    return {
+        "fpe.kind": "expanded",
+        "fpe.source_sha256": ckpt.sha256,
+        "fpe.source_file": ckpt.path.name,
+        "fpe.settings": json.dumps({
+            "seed": settings["seed"], "outgoing": settings["outgoing"], "bias": "copy",
+            "prune": PRUNE_RULE, "clusters": settings["clusters"], "default_split": settings["split"],
+        }, sort_keys=True),
+        "fpe.recipe": json.dumps({"targets": resolved, "ignore": settings["ignore"]}, sort_keys=True),
+        "fpe.budget": json.dumps({
+            "weights": result.budget, "source_weights": result.before,
+            "source_biases": sum(layer.bias.numel() for layer in ckpt.mlp.layers if layer.bias is not None),
+        }, sort_keys=True),
+    }
+
+
+def expand_report(ckpt: Checkpoint, result: ExpandResult, settings: dict, output: Path, opts: ExpandOptions,
+                  size: int, drift: dict) -> dict:
+    plans = {p.weight_key: p for p in result.plan.layers}
+    layers = []
+    for k, (src, new) in enumerate(zip(ckpt.mlp.layers, result.mlp.layers)):
+        p = plans.get(src.weight_key)
+        layers.append({
+            "weight": src.weight_key, "shape_before": list(src.weight.shape), "shape_after": list(new.weight.shape),
+            "weights_before": result.before[k], "weights_after": result.after[k], "pruned": result.pruned[k],
+            "split": p.split if p else None, "alpha": p.alpha if p else None,
+            "rows_without_edges": result.dead_children[k],
+        })
+    total = sum(result.after)
+    return {
+        "input": str(opts.model), "output": str(output), "layout": opts.layout, "output_bytes": size,
+        "input_bytes": opts.model.stat().st_size, "activation": ckpt.mlp.activation,
+        "hidden_widths_before": ckpt.mlp.widths[1:-1], "hidden_widths_after": result.mlp.widths[1:-1],
+        "budget": result.budget, "weights_after": total, "budget_holds": total == result.budget,
+        "layers": layers, "drift": drift, "settings": {k: v for k, v in settings.items() if k not in ("targets",)},
+        "plan_saved_to": str(opts.save_plan) if opts.save_plan else None,
+    }
+
+
+def recorded_budget(metadata: dict[str, str]) -> int | None:
+    budget = metadata_json(metadata, "fpe.budget")
+    if budget is None:
+        return None
+    if not isinstance(budget, dict) or not isinstance(budget.get("weights"), int):
+        raise FPEError("metadata fpe.budget is malformed (expected {\"weights\": N, ...})")
+    return budget["weights"]
+
+
+def verify_file(model: Path, source: Path | None = None, layers=None, activation=None) -> dict:
+    """Check every invariant; raises VerificationError (exit 3) listing the violations."""
+    ckpt = load_checkpoint(model, layers, activation)
+    src = load_checkpoint(source, None, activation) if source else None
+    problems = check_invariants(ckpt.mlp, recorded_budget(ckpt.metadata), src.mlp if src else None,
+                                src.sha256 if src else None, ckpt.metadata.get("fpe.source_sha256"))
+    if problems:
+        raise VerificationError(problems)
+    checks = ["finite weights", "off-mask weights are zero", "siblings own disjoint edges"]
+    if recorded_budget(ckpt.metadata) is not None:
+        checks.append("weights equal the recorded budget")
+    if src:
+        checks += ["source sha256 matches", "children's edges are their parent's", "weights equal the source's"]
+    return {"model": str(model), "source": str(source) if source else None, "ok": True, "checks": checks,
+            "expanded": ckpt.mlp.is_expanded, "has_masks": ckpt.mlp.has_masks}
+
+
+def params_report(model: Path, layers=None, activation=None) -> dict:
+    ckpt = load_checkpoint(model, layers, activation)
+    counts = model_counts(ckpt.mlp)
+    for entry, layer in zip(counts["layers"], ckpt.mlp.layers):
+        entry["bytes_on_disk"] = _bytes_of(ckpt, layer)
+    counts["total"]["bytes_on_disk"] = sum(e["bytes_on_disk"] for e in counts["layers"])
+    counts["file_bytes"] = model.stat().st_size
+    counts["layout"] = ckpt.layout
+    counts["model"] = str(model)
+    budget = metadata_json(ckpt.metadata, "fpe.budget")
+    if isinstance(budget, dict):
+        counts["source"] = {"weights": budget.get("weights"), "biases": budget.get("source_biases"),
+                            "weights_per_layer": budget.get("source_weights")}
+        counts["budget_holds"] = counts["total"]["weights"] == budget.get("weights")
+    return counts
+
+
+def _bytes_of(ckpt: Checkpoint, layer) -> int:
+    key = layer.weight_key
+    names = [key, layer.bias_key, f"fpe.mask:{key}", f"fpe.parents:{key}", f"fpe.values:{key}",
+             f"fpe.bitmask:{key}", f"fpe.shape:{key}"]
+    return sum(ckpt.tensor_bytes.get(n, 0) for n in names if n)
+
+
+def inspect_report(model: Path, layers=None, activation=None) -> dict:
+    ckpt = load_checkpoint(model, layers, activation)
+    from .stfile import read_header
+
+    header, _, _ = read_header(model)
+    meta = {}
+    for k, v in ckpt.metadata.items():
+        try:
+            meta[k] = json.loads(v) if k.startswith("fpe.") else v
+        except json.JSONDecodeError:
+            meta[k] = v
+    return {
+        "model": str(model), "layout": ckpt.layout, "sha256": ckpt.sha256, "file_bytes": model.stat().st_size,
+        "activation": ckpt.mlp.activation, "activation_source": ckpt.activation_source,
+        "widths": ckpt.mlp.widths, "expanded": ckpt.mlp.is_expanded,
+        "chain": [{"weight": l.weight_key, "bias": l.bias_key, "shape": list(l.weight.shape),
+                   "dtype": str(l.weight.dtype).replace("torch.", ""), "mask": l.mask is not None,
+                   "lineage": l.parents is not None} for l in ckpt.mlp.layers],
+        "tensors": [{"name": n, "dtype": e["dtype"], "shape": e["shape"]} for n, e in sorted(header.items())],
+        "unused_tensors": ckpt.unused, "metadata": meta,
+    }
+
+
+def convert_file(model: Path, layout: str, output: Path, force: bool = False, layers=None, activation=None) -> dict:
+    ckpt = load_checkpoint(model, layers, activation)
+    check_writable(output, force=force, inputs=(model,))
+    off_mask = check_invariants(ckpt.mlp, None)[:]
+    off_mask = [p for p in off_mask if "off the mask" in p]
+    if off_mask:
+        raise VerificationError(off_mask + ["converting would drop these values; the conversion would not be lossless"])
+    meta = {k: v for k, v in ckpt.metadata.items() if k != "fpe.layout"}
+    size = save_checkpoint(ckpt.mlp, output, layout, meta, force=force)
+    return {"input": str(model), "output": str(output), "from_layout": ckpt.layout, "to_layout": layout,
+            "input_bytes": model.stat().st_size, "output_bytes": size}

@@ -1,0 +1,206 @@
+"""Split plans: which child of each parent owns each of the parent's input edges (pure tensors).
+
+A layer's plan is an int tensor `child` of the producer weight's shape (h, d): child[i, j] in
+[0, alpha) is the child of parent i that owns edge (i, j); -1 where parent i has no edge j.
+Edge-disjointness holds by construction (one owner per edge); validation checks coverage and
+that no child is empty.
+
+Strategies (all deterministic given the seed):
+- random:     a fresh random permutation of each parent's edges, cut into alpha near-equal parts.
+- structured: the k-th edge of each parent (in input order) goes to child k mod alpha; for a dense
+              parent that is input index mod alpha, the same pattern for every parent.
+- clause:     whole input groups (a user's clause map) dealt to children, balanced per parent.
+- gram:       input features clustered by |cosine| of W's columns (the Gram matrix W^T W
+              normalized), then whole clusters dealt to children like clause groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import FPEError
+
+STRATEGIES = ("random", "structured", "clause", "gram")
+ROW_CHUNK = 1024  # rows planned at a time (bounded memory; fixed so results never depend on it)
+
+
+@dataclass
+class LayerPlan:
+    weight_key: str
+    alpha: int
+    split: str
+    child: torch.Tensor  # int16 (h, d): owner child of each edge, -1 off the parent's support
+
+
+@dataclass
+class SplitPlan:
+    layers: list[LayerPlan]
+    seed: int = 0
+
+    def for_key(self, key: str) -> LayerPlan | None:
+        return next((p for p in self.layers if p.weight_key == key), None)
+
+
+def check_alpha(alpha: int, support: torch.Tensor, key: str) -> None:
+    """alpha must be an integer >= 2 and no parent may have fewer edges than alpha."""
+    if not isinstance(alpha, int) or isinstance(alpha, bool) or alpha < 2:
+        raise FPEError(f"alpha must be an integer >= 2, got {alpha!r}")
+    if alpha > 32767:
+        raise FPEError(f"alpha {alpha} is too large")
+    counts = support.sum(dim=1)
+    short = (counts < alpha).nonzero().flatten()
+    if short.numel():
+        i = int(short[0])
+        raise FPEError(
+            f"{key}: alpha {alpha} is larger than parent {i}'s {int(counts[i])} edges "
+            f"({short.numel()} parent(s) affected), which would leave a child empty",
+            "lower --alpha or leave this layer out with --ignore",
+        )
+
+
+def _rank_within_rows(keys: torch.Tensor) -> torch.Tensor:
+    """rank[i, j] = position of keys[i, j] in row i sorted ascending (stable)."""
+    order = torch.argsort(keys, dim=1, stable=True)  # (rows, d)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(keys.shape[1]).expand_as(order).contiguous())
+    return rank
+
+
+def plan_random(support: torch.Tensor, alpha: int, generator: torch.Generator) -> torch.Tensor:
+    """Random permutation of each parent's edges cut into alpha parts of sizes differing by <= 1."""
+    h, d = support.shape
+    child = torch.full((h, d), -1, dtype=torch.int16)
+    for start in range(0, h, ROW_CHUNK):
+        sup = support[start:start + ROW_CHUNK]  # (r, d)
+        keys = torch.rand(sup.shape, generator=generator)
+        keys[~sup] = 2.0  # non-edges sort last
+        rank = _rank_within_rows(keys)
+        n = sup.sum(dim=1, keepdim=True).clamp(min=1)
+        owner = torch.div(rank * alpha, n, rounding_mode="floor")
+        child[start:start + ROW_CHUNK] = torch.where(sup, owner, -1).to(torch.int16)
+    return child
+
+
+def plan_structured(support: torch.Tensor, alpha: int) -> torch.Tensor:
+    rank = torch.cumsum(support.to(torch.int64), dim=1) - 1  # k-th edge of the row
+    return torch.where(support, rank % alpha, -1).to(torch.int16)
+
+
+def _deal_groups_row(sup_row: torch.Tensor, group: torch.Tensor, n_groups: int, alpha: int,
+                     generator: torch.Generator) -> torch.Tensor:
+    """Deal whole groups of one parent's edges to the least-loaded child (largest groups first)."""
+    g = group[sup_row]  # group id of each edge
+    sizes = torch.bincount(g, minlength=n_groups)
+    tie = torch.rand(n_groups, generator=generator)
+    order = sorted(range(n_groups), key=lambda k: (-int(sizes[k]), float(tie[k])))
+    load = [0] * alpha
+    owner_of_group = torch.zeros(n_groups, dtype=torch.int64)
+    for k in order:
+        if sizes[k] == 0:
+            continue
+        target = min(range(alpha), key=lambda c: (load[c], c))
+        owner_of_group[k] = target
+        load[target] += int(sizes[k])
+    owner = owner_of_group[g]
+    return _fill_empty_children(owner, alpha)
+
+
+def _fill_empty_children(owner: torch.Tensor, alpha: int) -> torch.Tensor:
+    """If fewer groups than children, move single edges from the largest child to empty ones."""
+    counts = torch.bincount(owner, minlength=alpha)
+    for c in range(alpha):
+        if counts[c] == 0:
+            donor = int(torch.argmax(counts))
+            idx = int((owner == donor).nonzero()[-1])
+            owner[idx] = c
+            counts[donor] -= 1
+            counts[c] += 1
+    return owner
+
+
+def plan_groups(support: torch.Tensor, alpha: int, groups: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Group-aligned split: `groups` (d,) int64 gives each input's group; -1 = its own group."""
+    h, d = support.shape
+    group = groups.clone()
+    loose = group < 0
+    group[loose] = torch.arange(int(loose.sum())) + (int(group.max()) + 1 if (~loose).any() else 0)
+    _, group = torch.unique(group, return_inverse=True)  # dense ids 0..G-1
+    n_groups = int(group.max()) + 1
+    child = torch.full((h, d), -1, dtype=torch.int16)
+    for i in range(h):
+        row = support[i]
+        child[i, row] = _deal_groups_row(row, group, n_groups, alpha, generator).to(torch.int16)
+    return child
+
+
+def gram_clusters(weight: torch.Tensor, n_clusters: int, generator: torch.Generator, iters: int = 25) -> torch.Tensor:
+    """Cluster the columns of W by |cosine| (sign-invariant spherical k-means); returns (d,) ids."""
+    x = weight.detach().to(torch.float32).T  # (d, h): one row per input feature
+    x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    d = x.shape[0]
+    k = max(1, min(n_clusters, d))
+    centers = x[torch.randperm(d, generator=generator)[:k]].clone()  # (k, h)
+    assign = torch.zeros(d, dtype=torch.int64)
+    for _ in range(iters):
+        sim = x @ centers.T  # (d, k)
+        new_assign = sim.abs().argmax(dim=1)
+        if _ and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+        signs = torch.sign(sim.gather(1, assign[:, None])).clamp(min=0) * 2 - 1  # (d, 1)
+        sums = torch.zeros_like(centers).index_add_(0, assign, x * signs)
+        norms = sums.norm(dim=1, keepdim=True)
+        centers = torch.where(norms > 0, sums / norms.clamp(min=1e-12), centers)
+    return assign
+
+
+def plan_layer(weight: torch.Tensor, support: torch.Tensor, alpha: int, split: str, *, key: str,
+               generator: torch.Generator, groups: torch.Tensor | None = None,
+               clusters: int | None = None) -> LayerPlan:
+    """Plan one producer layer with the named strategy."""
+    check_alpha(alpha, support, key)
+    if split == "random":
+        child = plan_random(support, alpha, generator)
+    elif split == "structured":
+        child = plan_structured(support, alpha)
+    elif split == "clause":
+        if groups is None:
+            raise FPEError("--split clause needs a clause map", "pass --clause-map clauses.json")
+        if groups.numel() != support.shape[1]:
+            raise FPEError(
+                f"{key}: the clause map covers {groups.numel()} inputs but the layer has {support.shape[1]}",
+                "clause splits apply to the first layer; use a recipe to split deeper layers another way",
+            )
+        child = plan_groups(support, alpha, groups, generator)
+    elif split == "gram":
+        ids = gram_clusters(weight * support, clusters or 4 * alpha, generator)
+        child = plan_groups(support, alpha, ids, generator)
+    else:
+        raise FPEError(f"unknown split {split!r}", f"choose one of: {', '.join(STRATEGIES)}")
+    return LayerPlan(key, alpha, split, child)
+
+
+def validate_layer_plan(plan: LayerPlan, support: torch.Tensor) -> list[str]:
+    """Every problem of a plan against the layer it is applied to (empty = valid)."""
+    key, child = plan.weight_key, plan.child
+    if tuple(child.shape) != tuple(support.shape):
+        return [f"{key}: plan shape {tuple(child.shape)} does not match the weight {tuple(support.shape)}"]
+    problems = []
+    if plan.alpha < 2:
+        problems.append(f"{key}: plan alpha {plan.alpha} < 2")
+    c = child.to(torch.int64)
+    if bool(((c < -1) | (c >= plan.alpha)).any()):
+        problems.append(f"{key}: plan has child indices outside [-1, {plan.alpha})")
+    if bool((support & (c < 0)).any()):
+        problems.append(f"{key}: plan leaves {int((support & (c < 0)).sum())} edge(s) of the parents unassigned")
+    if bool((~support & (c >= 0)).any()):
+        problems.append(f"{key}: plan assigns {int((~support & (c >= 0)).sum())} entries that are not edges of the parent")
+    if not problems:
+        per_child = torch.zeros(c.shape[0], plan.alpha, dtype=torch.int64)
+        per_child.scatter_add_(1, c.clamp(min=0), support.to(torch.int64))
+        empty = int((per_child == 0).sum())
+        if empty:
+            problems.append(f"{key}: plan leaves {empty} child(ren) without edges")
+    return problems

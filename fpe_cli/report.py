@@ -1,0 +1,87 @@
+"""Rich tables for the expand/params/inspect/verify/convert reports (rendering only, no math)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt_int(n) -> str:
+    return f"{n:,}" if isinstance(n, int) else "-" if n is None else str(n)
+
+
+def _shape(s) -> str:
+    return "x".join(str(v) for v in s)
+
+
+def render_expand(doc: dict, console: Console) -> None:
+    table = Table(title=f"fpe expand: {doc['input']} -> {doc['output']}", title_justify="left")
+    for col in ("layer", "shape", "split", "alpha", "weights before", "weights after", "pruned"):
+        table.add_column(col, justify="right" if col not in ("layer", "split") else "left")
+    for row in doc["layers"]:
+        table.add_row(row["weight"], f"{_shape(row['shape_before'])} -> {_shape(row['shape_after'])}",
+                      row["split"] or "-", _fmt_int(row["alpha"]), _fmt_int(row["weights_before"]),
+                      _fmt_int(row["weights_after"]), _fmt_int(row["pruned"]))
+    console.print(table)
+    holds = "[green]holds[/]" if doc["budget_holds"] else "[red]VIOLATED[/]"
+    console.print(f"hidden widths {doc['hidden_widths_before']} -> {doc['hidden_widths_after']}; "
+                  f"weights {doc['weights_after']:,} / budget {doc['budget']:,} ({holds})")
+    d = doc["drift"]
+    agree = "n/a" if d["argmax_agreement"] is None else f"{d['argmax_agreement']:.1%}"
+    console.print(f"function drift on {d['probe']}: relative L2 {d['relative_l2']:.3f}, "
+                  f"argmax agreement {agree}. FPE changes the function: fine-tune before use (fpe finetune).")
+    console.print(f"wrote {doc['output']} ({doc['layout']} layout, {doc['output_bytes']:,} bytes; "
+                  f"input {doc['input_bytes']:,} bytes)" + (f"; plan {doc['plan_saved_to']}" if doc["plan_saved_to"] else ""))
+
+
+def render_params(doc: dict, console: Console) -> None:
+    table = Table(title=f"fpe params: {doc['model']} ({doc['layout']} layout)", title_justify="left")
+    for col in ("layer", "shape", "dtype", "stored", "weights", "non-zero", "biases", "sparsity", "bytes"):
+        table.add_column(col, justify="left" if col in ("layer", "dtype") else "right")
+    for r in doc["layers"]:
+        table.add_row(r["weight"], _shape(r["shape"]), r["dtype"], _fmt_int(r["stored_elements"]), _fmt_int(r["weights"]),
+                      _fmt_int(r["nonzero_weights"]), _fmt_int(r["biases"]), f"{r['sparsity']:.1%}", _fmt_int(r["bytes_on_disk"]))
+    t = doc["total"]
+    table.add_row("total", "", "", _fmt_int(t["stored_elements"]), _fmt_int(t["weights"]), _fmt_int(t["nonzero_weights"]),
+                  _fmt_int(t["biases"]), "", _fmt_int(t["bytes_on_disk"]), style="bold")
+    console.print(table)
+    console.print(f"hidden neurons: {t['hidden_neurons']:,}; file: {doc['file_bytes']:,} bytes")
+    if "source" in doc:
+        holds = "[green]holds[/]" if doc["budget_holds"] else "[red]VIOLATED[/]"
+        console.print(f"source: {_fmt_int(doc['source']['weights'])} weights, {_fmt_int(doc['source']['biases'])} biases; "
+                      f"budget {holds}")
+
+
+def render_inspect(doc: dict, console: Console) -> None:
+    console.print(f"[bold]{doc['model']}[/]: {doc['layout']} layout, {doc['file_bytes']:,} bytes, sha256 {doc['sha256'][:16]}...")
+    console.print(f"widths {' -> '.join(map(str, doc['widths']))}, activation {doc['activation']} ({doc['activation_source']})"
+                  + (", expanded" if doc["expanded"] else ""))
+    chain = Table(title="chain", title_justify="left")
+    for col in ("weight", "bias", "shape", "dtype", "mask", "lineage"):
+        chain.add_column(col)
+    for r in doc["chain"]:
+        chain.add_row(r["weight"], r["bias"] or "-", _shape(r["shape"]), r["dtype"], "yes" if r["mask"] else "no",
+                      "yes" if r["lineage"] else "no")
+    console.print(chain)
+    tensors = Table(title="tensors", title_justify="left")
+    for col in ("name", "dtype", "shape"):
+        tensors.add_column(col)
+    for r in doc["tensors"]:
+        tensors.add_row(r["name"], r["dtype"], _shape(r["shape"]) or "scalar")
+    console.print(tensors)
+    if doc["unused_tensors"]:
+        console.print(f"[yellow]not part of the chain:[/] {', '.join(doc['unused_tensors'])}")
+    for k, v in sorted(doc["metadata"].items()):
+        console.print(f"  {k}: {v}", highlight=False, soft_wrap=True)
+
+
+def render_verify(doc: dict, console: Console) -> None:
+    if not doc["has_masks"]:
+        console.print(f"{doc['model']}: no masks, nothing FPE-specific to verify (weights are finite)")
+        return
+    console.print(f"[green]OK[/] {doc['model']}: " + "; ".join(doc["checks"]))
+
+
+def render_convert(doc: dict, console: Console) -> None:
+    console.print(f"wrote {doc['output']} ({doc['from_layout']} -> {doc['to_layout']}, "
+                  f"{doc['input_bytes']:,} -> {doc['output_bytes']:,} bytes)")

@@ -1,0 +1,210 @@
+"""Low-level safetensors I/O: a validating reader and a canonical, atomic writer.
+
+Reading parses and checks the header ourselves before any tensor is touched, so a hostile or broken
+file gives an `FPEError` naming the problem instead of a crash or a huge allocation. Writing is
+canonical (sorted keys, fixed JSON form) so the same tensors and metadata always give the same bytes
+(safetensors' own writer orders `__metadata__` randomly), and atomic (temp file + fsync + rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import FPEError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle"}
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def check_readable(path: Path) -> None:
+    """Refuse paths that cannot be a safetensors checkpoint, with a hint how to fix it."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise FPEError(
+            f"{path}: pickle-based checkpoints are refused (loading them can execute code)",
+            "convert it once in trusted code: safetensors.torch.save_file(torch.load(p, weights_only=True), 'model.safetensors')",
+        )
+    if not path.exists():
+        raise FPEError(f"{path}: no such file")
+    if path.is_dir():
+        raise FPEError(f"{path}: is a directory, expected a .safetensors file")
+
+
+def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
+    """Parse and validate the header: (tensor entries, metadata, offset of the data section)."""
+    check_readable(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise FPEError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            raise FPEError(f"{path}: not a safetensors file or truncated (header claims {n} bytes, file has {size})")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FPEError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise FPEError(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FPEError(f"{path}: __metadata__ must map strings to strings")
+    _validate_entries(path, header, size - 8 - n)
+    return header, metadata, 8 + n
+
+
+def _validate_entries(path: Path, header: dict, data_len: int) -> None:
+    problems, spans = [], []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            problems.append(f"{name}: entry lacks dtype/shape/data_offsets")
+            continue
+        dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPES:
+            problems.append(f"{name}: unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+            continue
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            problems.append(f"{name}: bad shape {shape!r}")
+            continue
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+            problems.append(f"{name}: bad data_offsets {offs!r}")
+            continue
+        begin, end = offs
+        expected = int(np.prod(shape, dtype=np.float64)) * _itemsize(DTYPES[dtype])
+        if not 0 <= begin <= end <= data_len:
+            problems.append(f"{name}: data_offsets {offs} outside the data section of {data_len} bytes")
+        elif end - begin != expected:
+            problems.append(f"{name}: {end - begin} bytes for shape {shape} of {dtype} (expected {expected})")
+        else:
+            spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            problems.append(f"{n0} and {n1}: overlapping data_offsets")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise FPEError(f"{path}: corrupt safetensors header: {shown}")
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor (validated first) and the metadata. Tensors are independent copies."""
+    path = Path(path)
+    header, metadata, data_start = read_header(path)
+    tensors = {}
+    with open(path, "rb") as fh:
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            fh.seek(data_start + begin)
+            buf = bytearray(end - begin)
+            if fh.readinto(buf) != len(buf):
+                raise FPEError(f"{path}: truncated while reading {name}")
+            dtype = DTYPES[entry["dtype"]]
+            flat = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+            tensors[name] = flat.view(dtype).reshape(entry["shape"])
+    return tensors, dict(metadata)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().cpu().contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
+
+
+def encode_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
+    """Canonical header bytes (length prefix included) and the order of the data section."""
+    order = sorted(tensors)
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in DTYPE_NAMES:
+            raise FPEError(f"{name}: dtype {t.dtype} cannot be written to safetensors")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=False, ensure_ascii=True).encode()
+    raw += b" " * (-len(raw) % 8)  # pad so the data section is 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, order
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success fsync and rename it over `path`, else remove it."""
+    path = Path(path)
+    check_writable(path, force=force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def check_writable(path: Path, *, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse outputs that would destroy something: an input, a directory, a symlink, an existing file."""
+    path = Path(path)
+    if path.is_dir():
+        raise FPEError(f"{path}: output path is a directory", "name a file, e.g. -o out.safetensors")
+    if not path.parent.exists():
+        raise FPEError(f"{path.parent}: output directory does not exist", "create it first (mkdir -p)")
+    for src in inputs:
+        if path.exists() and src.exists() and os.path.samefile(path, src):
+            raise FPEError(f"{path}: output path is the input file", "choose another -o path")
+        if path.resolve() == Path(src).resolve():
+            raise FPEError(f"{path}: output path is the input file", "choose another -o path")
+    if path.is_symlink():
+        raise FPEError(f"{path}: output path is a symbolic link; refusing to write through it", "choose a plain path")
+    if path.exists() and not force:
+        raise FPEError(f"{path}: output exists", "pass --force to overwrite")
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                      *, force: bool = False) -> int:
+    """Write tensors canonically and atomically; returns the bytes written."""
+    metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    head, order = encode_header(tensors, metadata)
+    with atomic_output(path, force=force) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(head)
+            for name in order:
+                fh.write(_tensor_bytes(tensors[name]))
+    return Path(path).stat().st_size
