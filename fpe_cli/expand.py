@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .errors import FPEError
@@ -47,13 +48,14 @@ class ExpandResult:
 def split_rows(layer: Layer, plan: LayerPlan) -> Layer:
     """Producer: (h, d) -> (alpha*h, d); child c of parent i owns row alpha*i + c."""
     alpha, (h, d) = plan.alpha, layer.weight.shape
-    owner = plan.child.to(torch.int64)  # (h, d)
-    children = torch.arange(alpha).view(1, alpha, 1)  # (1, alpha, 1)
-    mask = owner.unsqueeze(1) == children  # (h, alpha, d)
-    weight = layer.weight.unsqueeze(1) * mask.to(layer.weight.dtype)  # (h, alpha, d)
+    support = layer.support()
+    owner = plan.child.to(torch.int64).clamp(min=0).unsqueeze(1)  # (h, 1, d); non-edges park in child 0
+    values = layer.weight.masked_fill(~support, 0).unsqueeze(1)  # (h, 1, d)
+    weight = torch.zeros(h, alpha, d, dtype=layer.weight.dtype).scatter_(1, owner, values)  # (h, alpha, d)
+    mask = torch.zeros(h, alpha, d, dtype=torch.bool).scatter_(1, owner, support.unsqueeze(1))  # (h, alpha, d)
     bias = layer.bias.repeat_interleave(alpha) if layer.bias is not None else None  # (alpha*h,)
     parents = torch.arange(h).repeat_interleave(alpha)  # (alpha*h,)
-    return Layer(layer.weight_key, weight.reshape(alpha * h, d), layer.bias_key, bias, mask.reshape(alpha * h, d), parents)
+    return Layer(layer.weight_key, weight.view(alpha * h, d), layer.bias_key, bias, mask.view(alpha * h, d), parents)
 
 
 def copy_columns(layer: Layer, alpha: int, outgoing: str) -> Layer:
@@ -67,41 +69,48 @@ def copy_columns(layer: Layer, alpha: int, outgoing: str) -> Layer:
     return Layer(layer.weight_key, weight, layer.bias_key, layer.bias, mask, layer.parents)
 
 
+def _masked_magnitudes(layer: Layer) -> np.ndarray:
+    """|w| of the layer's existing weights, row-major, as float32 (exact for every float dtype)."""
+    mags = layer.weight.abs().to(torch.float32).numpy().reshape(-1)
+    if torch.count_nonzero(layer.mask) == layer.mask.numel():
+        return mags  # every entry exists (typical for copied consumer columns): no gather needed
+    return mags[layer.mask.numpy().reshape(-1)]
+
+
 def prune_to_budget(layers: list[Layer], budget: int) -> list[int]:
     """Remove the globally smallest |w| among existing weights until exactly `budget` remain.
 
     Ties are broken deterministically: earlier layer first, then row-major position.
     Returns the number pruned per layer. Mutates the layers' masks and weights.
     """
-    total = sum(int(layer.mask.sum()) for layer in layers)
-    excess = total - budget
+    excess = sum(int(torch.count_nonzero(layer.mask)) for layer in layers) - budget
     if excess <= 0:
         return [0] * len(layers)
-    mags = torch.cat([layer.weight[layer.mask].abs().to(torch.float32) for layer in layers])  # (total,)
-    threshold = torch.kthvalue(mags, excess).values
-    below = int((mags < threshold).sum())
-    ties_to_prune = excess - below
+    mags = np.concatenate([_masked_magnitudes(layer) for layer in layers])  # (total,)
+    mags.partition(excess - 1)  # in place: mags[excess - 1] is now the excess-th smallest magnitude
+    threshold = float(mags[excess - 1])
+    ties_to_prune = excess - int(np.count_nonzero(mags < threshold))
     del mags
     pruned = []
     for layer in layers:
         mag = layer.weight.abs().to(torch.float32)
         drop = layer.mask & (mag < threshold)
         if ties_to_prune > 0:
-            tie = (layer.mask & (mag == threshold)).flatten()
-            tie_idx = tie.nonzero().flatten()[:ties_to_prune]
+            tie_idx = (layer.mask & (mag == threshold)).view(-1).nonzero().flatten()[:ties_to_prune]
             drop.view(-1)[tie_idx] = True
             ties_to_prune -= tie_idx.numel()
-        layer.mask = layer.mask & ~drop
-        layer.weight = layer.weight.masked_fill(drop, 0)
-        pruned.append(int(drop.sum()))
+        layer.mask &= ~drop
+        layer.weight.masked_fill_(drop, 0)  # the layers are the expansion's own copies
+        pruned.append(int(torch.count_nonzero(drop)))
     return pruned
 
 
 def _ensure_masks(mlp: MLP) -> MLP:
+    """A copy that owns its tensors (pruning edits them in place), with explicit masks."""
     out = mlp.copy()
     for layer in out.layers:
-        if layer.mask is None:
-            layer.mask = layer.weight != 0
+        layer.weight = layer.weight.clone()
+        layer.mask = layer.weight != 0 if layer.mask is None else layer.mask.clone()
     return out
 
 
@@ -124,7 +133,7 @@ def expand_mlp(mlp: MLP, targets: list[Target], *, seed: int = 0, outgoing: str 
         work.layers[target.index] = split_rows(producer, layer_plan)
         work.layers[target.index + 1] = copy_columns(work.layers[target.index + 1], layer_plan.alpha, outgoing)
     pruned = prune_to_budget(work.layers, budget) if prune else [0] * len(work.layers)
-    after = [int(layer.mask.sum()) for layer in work.layers]
+    after = [int(torch.count_nonzero(layer.mask)) for layer in work.layers]
     dead = [int((~layer.mask.any(dim=1)).sum()) for layer in work.layers]
     return ExpandResult(work, SplitPlan(plans, seed), budget, before, after, pruned, dead)
 

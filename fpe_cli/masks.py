@@ -41,7 +41,7 @@ def pack_weight(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 def unpack_weight(values: torch.Tensor, bits: torch.Tensor, shape: tuple[int, int], name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Rebuild (dense weight with exact zeros off-mask, bool mask) from packed storage."""
     mask = unpack_mask(bits, shape, name)
-    count = int(mask.sum())
+    count = int(torch.count_nonzero(mask))
     if values.ndim != 1 or values.numel() != count:
         raise FPEError(
             f"{name}: packed values hold {values.numel()} entries but the bitmask has {count} bits set",

@@ -54,7 +54,7 @@ class Layer:
         return self.mask if self.mask is not None else self.weight != 0
 
     def active_weights(self) -> int:
-        return int(self.support().sum())
+        return int(torch.count_nonzero(self.support()))
 
 
 @dataclass
@@ -98,7 +98,7 @@ def effective_weight(layer: Layer) -> torch.Tensor:
     """The weight with off-mask entries forced to zero (what the network really computes with)."""
     if layer.mask is None:
         return layer.weight
-    return layer.weight * layer.mask.to(layer.weight.dtype)
+    return layer.weight.masked_fill(~layer.mask, 0)
 
 
 def forward(mlp: MLP, x: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:

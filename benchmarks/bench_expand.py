@@ -1,0 +1,118 @@
+"""Benchmark `fpe expand` against the I/O floor, and its peak memory.
+
+For a random d -> h -> d float32 MLP, measured in one run on this machine:
+  - floor: plain safetensors `load_file` of the input + `save_file` of the output's tensors;
+  - fpe:   `fpe_cli.pipeline.expand_file` (in process, imports excluded) and the `fpe expand` CLI
+           (a subprocess: interpreter and torch import included);
+  - peak RSS of a subprocess that runs the expansion, against one that only imports fpe, and
+    relative to the size of the dense-layout output.
+Ratios are what to compare across machines; absolute times vary.
+
+    python benchmarks/bench_expand.py                 # 2048 -> 8192 -> 2048, alpha 4
+    python benchmarks/bench_expand.py --size 4096x16384 --alpha 4 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = """
+import sys
+from pathlib import Path
+from fpe_cli.pipeline import ExpandOptions, expand_file
+if sys.argv[1] == 'expand':
+    expand_file(ExpandOptions(Path(sys.argv[2]), alpha=int(sys.argv[3]), output=Path(sys.argv[4]), force=True,
+                              layout=sys.argv[5]))
+# VmHWM: this process's own peak RSS (ru_maxrss would carry the parent's peak across exec)
+print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')))
+"""
+
+
+def make_model(path: Path, d: int, h: int, seed: int = 0) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    save_file({
+        "fc1.weight": torch.randn(h, d, generator=g) / d ** 0.5, "fc1.bias": torch.zeros(h),
+        "fc2.weight": torch.randn(d, h, generator=g) / h ** 0.5, "fc2.bias": torch.zeros(d),
+    }, str(path))
+
+
+def timed(fn, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def peak_rss(*args: str) -> int:
+    out = subprocess.run([sys.executable, "-c", CHILD, *args], check=True, capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def run(d: int, h: int, alpha: int, repeat: int) -> dict:
+    from safetensors.torch import load_file, save_file
+
+    from fpe_cli.pipeline import ExpandOptions, expand_file
+
+    tmp = Path(tempfile.mkdtemp(prefix="fpe-bench-"))
+    src, out, dense, floor_out = (tmp / n for n in ("in.safetensors", "out.safetensors", "dense.safetensors", "floor.safetensors"))
+    make_model(src, d, h)
+    opts = ExpandOptions(src, alpha=alpha, output=out, force=True)
+    fpe_s = timed(lambda: expand_file(opts), repeat)
+    out_tensors = load_file(str(out))
+    floor_s = timed(lambda: (load_file(str(src)), save_file(out_tensors, str(floor_out))), repeat)
+    env = dict(os.environ)
+    cli_s = timed(lambda: subprocess.run([sys.executable, "-m", "fpe_cli", "expand", str(src), "--alpha", str(alpha),
+                                          "-o", str(out), "--force", "-q"], check=True, env=env), 1)
+    expand_file(ExpandOptions(src, alpha=alpha, output=dense, force=True, layout="dense"))
+    peak = peak_rss("expand", str(src), str(alpha), str(out), "packed")
+    idle = peak_rss("idle")
+    result = {
+        "shape": f"{d} -> {h} -> {d}", "alpha": alpha, "threads": __import__("torch").get_num_threads(),
+        "input_bytes": src.stat().st_size, "packed_bytes": out.stat().st_size, "dense_layout_bytes": dense.stat().st_size,
+        "floor_s": floor_s, "fpe_s": fpe_s, "cli_s": cli_s,
+        "fpe_over_floor": fpe_s / floor_s, "cli_over_floor": cli_s / floor_s,
+        "packed_over_input": out.stat().st_size / src.stat().st_size,
+        "peak_rss_bytes": peak, "import_rss_bytes": idle,
+        "peak_over_dense_output": peak / dense.stat().st_size,
+        "peak_minus_import_over_dense_output": (peak - idle) / dense.stat().st_size,
+    }
+    for p in tmp.iterdir():
+        p.unlink()
+    tmp.rmdir()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="2048x8192", help="DxH: a D -> H -> D MLP")
+    ap.add_argument("--alpha", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    d, h = (int(v) for v in args.size.lower().split("x"))
+    r = run(d, h, args.alpha, args.repeat)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"fpe expand {r['shape']} float32, alpha {r['alpha']}, {r['threads']} threads")
+    print(f"  fpe (in process) / I/O floor : {r['fpe_over_floor']:.1f}x  ({r['fpe_s']:.2f} s vs {r['floor_s']:.2f} s)")
+    print(f"  fpe CLI (with imports) / floor: {r['cli_over_floor']:.1f}x")
+    print(f"  packed file / dense input     : {r['packed_over_input']:.3f}x")
+    print(f"  peak RSS / dense-layout output: {r['peak_over_dense_output']:.2f}x "
+          f"({(r['peak_rss_bytes'] - r['import_rss_bytes']) / r['dense_layout_bytes']:.2f}x above the import baseline)")
+
+
+if __name__ == "__main__":
+    main()
