@@ -42,14 +42,15 @@ class Checkpoint:
     activation_source: str = "metadata"  # "metadata", "flag" or "default"
 
 
-def metadata_json(metadata: dict[str, str], key: str, default=None):
-    """Decode a JSON-encoded metadata value; a broken one is a clear error."""
+def metadata_json(metadata: dict[str, str], key: str, default=None, where: Path | None = None):
+    """Decode a JSON-encoded metadata value; a broken one is a clear error (naming the file `where`)."""
     if key not in metadata:
         return default
     try:
         return json.loads(metadata[key])
     except json.JSONDecodeError:
-        raise FPEError(f"metadata {key!r} is not valid JSON: {metadata[key][:80]!r}") from None
+        prefix = f"{where}: " if where is not None else ""
+        raise FPEError(f"{prefix}metadata {key!r} is not valid JSON: {metadata[key][:80]!r}") from None
 
 
 def _check_format_version(metadata: dict[str, str], path: Path) -> None:
@@ -125,7 +126,10 @@ def load_checkpoint(path: Path, layers: list[str] | None = None, activation: str
     tensors, masks = _unpack_packed(tensors)
     layout = "packed" if masks else "dense" if any(k.startswith(FPE_PREFIX + "mask:") for k in tensors) else "plain"
     if layers is None and "fpe.layers" in metadata:
-        layers = metadata_json(metadata, "fpe.layers")
+        layers = metadata_json(metadata, "fpe.layers", where=path)
+        if not (isinstance(layers, list) and layers and all(isinstance(k, str) for k in layers)):
+            raise FPEError(f"{path}: metadata fpe.layers must be a JSON list of weight names, found {metadata['fpe.layers'][:80]!r}",
+                           "name the layers with --layers")
     chain, unused = discover_layers(tensors, layers)
     for layer in chain:
         if layer.weight.dtype not in FLOAT_DTYPES:
@@ -195,6 +199,7 @@ def save_checkpoint(mlp: MLP, path: Path, layout: str = "packed", metadata: dict
 def save_plan(plan: SplitPlan, path: Path, *, source_sha256: str = "", force: bool = False) -> int:
     """A split plan as its own safetensors artifact: `plan.child:<key>` int16 tensors + JSON metadata."""
     tensors = {f"plan.child:{p.weight_key}": p.child.to(torch.int16).contiguous() for p in plan.layers}
+    tensors.update({f"plan.children:{p.weight_key}": p.children.to(torch.int64) for p in plan.layers if p.children is not None})
     meta = {
         "format": "pt",
         "fpe.kind": "plan",
@@ -215,16 +220,25 @@ def load_plan(path: Path) -> SplitPlan:
     _check_format_version(metadata, path)
     if metadata.get("fpe.kind") != "plan":
         raise FPEError(f"{path}: not an fpe split plan (no fpe.kind=plan in its metadata)", "write one with --save-plan")
-    info = metadata_json(metadata, "fpe.plan", {})
+    info = metadata_json(metadata, "fpe.plan", {}, where=path)
+    entries = info.get("layers", []) if isinstance(info, dict) else []
+    seed = info.get("seed", 0) if isinstance(info, dict) else 0
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries) or isinstance(seed, bool) \
+            or not isinstance(seed, int):
+        raise FPEError(f"{path}: malformed plan metadata (fpe.plan needs 'layers': [{{weight_key, alpha, split}}, ...] "
+                       "and an integer 'seed')", "write the plan again with --save-plan")
     layers = []
-    for entry in info.get("layers", []) if isinstance(info, dict) else []:
+    for entry in entries:
         key, alpha = entry.get("weight_key"), entry.get("alpha")
         child = tensors.get(f"plan.child:{key}")
         if child is None or child.ndim != 2 or child.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
             raise FPEError(f"{path}: plan entry {key!r} lacks a 2-D integer child tensor")
         if not isinstance(alpha, int) or alpha < 2:
             raise FPEError(f"{path}: plan entry {key!r} has alpha {alpha!r}; expected an integer >= 2")
-        layers.append(LayerPlan(key, alpha, str(entry.get("split", "unknown")), child.to(torch.int16)))
+        children = tensors.get(f"plan.children:{key}")
+        if children is not None and (children.dtype != torch.int64 or tuple(children.shape) != (child.shape[0],)):
+            raise FPEError(f"{path}: plan entry {key!r}: children counts must be int64 ({child.shape[0]},)")
+        layers.append(LayerPlan(key, alpha, str(entry.get("split", "unknown")), child.to(torch.int16), children))
     if not layers:
         raise FPEError(f"{path}: the plan has no layers")
-    return SplitPlan(layers, int(info.get("seed", 0)))
+    return SplitPlan(layers, seed)

@@ -66,6 +66,12 @@ def order_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:
         found = [list(p) for p in itertools.permutations(keys) if _chains(list(p), tensors)]
     if len(found) == 1:
         return found[0]
+    if len(keys) <= 8 and not found:
+        raise FPEError(
+            f"the 2-D weights do not chain in any order (each layer's inputs must equal the previous layer's "
+            f"outputs): {_describe({k: tensors[k] for k in keys})}",
+            "check the checkpoint, or name the chain's weights in order with --layers",
+        )
     raise FPEError(
         f"cannot tell the layer order from names and shapes: {_describe({k: tensors[k] for k in keys})}",
         "name the weights in order, e.g. --layers fc1.weight,fc2.weight",

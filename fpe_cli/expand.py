@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import FPEError
-from .model import MLP, Layer, forward
+from .model import MLP, Layer, forward, hidden_activations
 from .plan import LayerPlan, SplitPlan, plan_layer, validate_layer_plan
 
 OUTGOING = ("copy", "split")
@@ -32,6 +32,17 @@ class Target:
     index: int
     alpha: int
     split: str = "random"
+    top: float | None = None  # expand only the top parents by polysemanticity (count, or fraction < 1)
+
+
+@dataclass
+class PlanInputs:
+    """What the split strategies may need beyond the weights."""
+
+    groups: torch.Tensor | None = None  # (d_in,) clause group of each model input, for `clause`
+    clusters: int | None = None  # feature clusters for `gram` / `activation`
+    group_size: int | None = None  # share random partitions among this many parents
+    calibration: torch.Tensor | None = None  # (N, d_in) model inputs, for `activation`
 
 
 @dataclass
@@ -46,25 +57,37 @@ class ExpandResult:
 
 
 def split_rows(layer: Layer, plan: LayerPlan) -> Layer:
-    """Producer: (h, d) -> (alpha*h, d); child c of parent i owns row alpha*i + c."""
+    """Producer: (h, d) -> (sum of children, d); parent i's children are consecutive rows.
+
+    With alpha children for every parent, child c of parent i is row alpha*i + c.
+    """
     alpha, (h, d) = plan.alpha, layer.weight.shape
     support = layer.support()
     owner = plan.child.to(torch.int64).clamp(min=0).unsqueeze(1)  # (h, 1, d); non-edges park in child 0
     values = layer.weight.masked_fill(~support, 0).unsqueeze(1)  # (h, 1, d)
     weight = torch.zeros(h, alpha, d, dtype=layer.weight.dtype).scatter_(1, owner, values)  # (h, alpha, d)
     mask = torch.zeros(h, alpha, d, dtype=torch.bool).scatter_(1, owner, support.unsqueeze(1))  # (h, alpha, d)
-    bias = layer.bias.repeat_interleave(alpha) if layer.bias is not None else None  # (alpha*h,)
-    parents = torch.arange(h).repeat_interleave(alpha)  # (alpha*h,)
-    return Layer(layer.weight_key, weight.view(alpha * h, d), layer.bias_key, bias, mask.view(alpha * h, d), parents)
+    counts = plan.child_counts()  # (h,)
+    weight, mask = weight.view(alpha * h, d), mask.view(alpha * h, d)  # (alpha*h, d)
+    if plan.children is not None:  # selective expansion: drop the children a parent does not have
+        keep = (torch.arange(alpha)[None, :] < counts[:, None]).view(-1)  # (alpha*h,)
+        weight, mask = weight[keep], mask[keep]
+    bias = layer.bias.repeat_interleave(counts) if layer.bias is not None else None  # (rows,)
+    parents = torch.arange(h).repeat_interleave(counts)  # (rows,)
+    return Layer(layer.weight_key, weight, layer.bias_key, bias, mask, parents)
 
 
-def copy_columns(layer: Layer, alpha: int, outgoing: str) -> Layer:
-    """Consumer: (C, h) -> (C, alpha*h); each child's column copies its parent's (or 1/alpha of it)."""
+def copy_columns(layer: Layer, alpha: int | torch.Tensor, outgoing: str) -> Layer:
+    """Consumer: (C, h) -> (C, children); each child's column copies its parent's (or a 1/children share).
+
+    `alpha` is an int (every parent) or an int64 (h,) tensor of children per parent.
+    """
     if outgoing not in OUTGOING:
         raise FPEError(f"unknown --outgoing {outgoing!r}", f"choose one of: {', '.join(OUTGOING)}")
     weight = layer.weight.repeat_interleave(alpha, dim=1)  # (C, alpha*h)
     if outgoing == "split":
-        weight = weight / alpha
+        share = alpha if isinstance(alpha, int) else alpha.repeat_interleave(alpha).to(weight.dtype)
+        weight = weight / share
     mask = layer.support().repeat_interleave(alpha, dim=1)
     return Layer(layer.weight_key, weight, layer.bias_key, layer.bias, mask, layer.parents)
 
@@ -115,23 +138,23 @@ def _ensure_masks(mlp: MLP) -> MLP:
 
 
 def expand_mlp(mlp: MLP, targets: list[Target], *, seed: int = 0, outgoing: str = "copy",
-               plan: SplitPlan | None = None, groups: torch.Tensor | None = None,
-               clusters: int | None = None, prune: bool = True) -> ExpandResult:
+               plan: SplitPlan | None = None, inputs: PlanInputs | None = None, prune: bool = True) -> ExpandResult:
     """Expand every target hidden layer in order, then prune globally back to the source budget."""
     if len(mlp.layers) < 2:
         raise FPEError("the model has no hidden layer to expand (a single linear layer)")
     _check_targets(mlp, targets)
+    inputs = inputs or PlanInputs()
     before = [layer.active_weights() for layer in mlp.layers]
     budget = sum(before)
     work = _ensure_masks(mlp)
     generator = torch.Generator().manual_seed(seed)
     plans = []
     for target in sorted(targets, key=lambda t: t.index):
-        producer = work.layers[target.index]
-        layer_plan = _plan_for(producer, target, plan, generator, groups, clusters)
+        layer_plan = _plan_for(work, target, plan, generator, inputs)
         plans.append(layer_plan)
-        work.layers[target.index] = split_rows(producer, layer_plan)
-        work.layers[target.index + 1] = copy_columns(work.layers[target.index + 1], layer_plan.alpha, outgoing)
+        work.layers[target.index] = split_rows(work.layers[target.index], layer_plan)
+        counts = layer_plan.alpha if layer_plan.children is None else layer_plan.children
+        work.layers[target.index + 1] = copy_columns(work.layers[target.index + 1], counts, outgoing)
     pruned = prune_to_budget(work.layers, budget) if prune else [0] * len(work.layers)
     after = [int(torch.count_nonzero(layer.mask)) for layer in work.layers]
     dead = [int((~layer.mask.any(dim=1)).sum()) for layer in work.layers]
@@ -149,20 +172,31 @@ def _check_targets(mlp: MLP, targets: list[Target]) -> None:
         raise FPEError("a layer is targeted twice")
 
 
-def _plan_for(producer: Layer, target: Target, plan: SplitPlan | None, generator: torch.Generator,
-              groups: torch.Tensor | None, clusters: int | None) -> LayerPlan:
+def layer_inputs(work: MLP, index: int, x: torch.Tensor) -> torch.Tensor:
+    """Inputs that layer `index` of the (partly expanded) network sees for model inputs x: (N, d_index)."""
+    return x if index == 0 else hidden_activations(MLP(work.layers[: index + 1], work.activation), x)[index - 1]
+
+
+def _plan_for(work: MLP, target: Target, plan: SplitPlan | None, generator: torch.Generator,
+              inputs: PlanInputs) -> LayerPlan:
+    producer = work.layers[target.index]
     support = producer.support()
     if plan is None:
-        layer_groups = groups if target.index == 0 or target.split != "clause" else None
         if target.split == "clause" and target.index != 0:
             raise FPEError(f"{producer.weight_key}: a clause split needs input features; only the first layer has them",
                            "split deeper layers with random, structured or gram (recipe per target)")
+        calib = layer_inputs(work, target.index, inputs.calibration) if (
+            target.split == "activation" and inputs.calibration is not None) else None
         return plan_layer(producer.weight, support, target.alpha, target.split, key=producer.weight_key,
-                          generator=generator, groups=layer_groups, clusters=clusters)
+                          generator=generator, groups=inputs.groups, clusters=inputs.clusters,
+                          group_size=inputs.group_size, inputs=calib, top=target.top)
     layer_plan = plan.for_key(producer.weight_key)
     if layer_plan is None:
         raise FPEError(f"the plan has no entry for {producer.weight_key}",
                        f"it covers: {', '.join(p.weight_key for p in plan.layers) or 'nothing'}")
+    if layer_plan.alpha != target.alpha:
+        raise FPEError(f"the plan splits {producer.weight_key} with alpha {layer_plan.alpha}, but alpha {target.alpha} "
+                       "was asked for", f"pass --alpha {layer_plan.alpha} (or the recipe's alpha) to apply this plan")
     problems = validate_layer_plan(layer_plan, support)
     if problems:
         raise FPEError("the plan does not match the model: " + "; ".join(problems))

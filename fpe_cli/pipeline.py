@@ -15,7 +15,7 @@ import torch
 from .checkpoint import (Checkpoint, check_finite, load_checkpoint, load_plan, metadata_json, save_checkpoint,
                          save_plan)
 from .errors import FPEError, VerificationError
-from .expand import ExpandResult, expand_mlp, function_drift
+from .expand import ExpandResult, PlanInputs, expand_mlp, function_drift
 from .recipe import load_clause_map, load_recipe, parse_selection, select_targets
 from .stfile import check_writable
 from .verify import check_invariants, model_counts
@@ -37,6 +37,7 @@ class ExpandOptions:
     save_plan: Path | None = None
     clause_map: Path | None = None
     clusters: int | None = None
+    group_size: int | None = None
     layout: str = "packed"
     output: Path | None = None
     force: bool = False
@@ -44,6 +45,8 @@ class ExpandOptions:
     activation: str | None = None
     probe_data: str | None = None
     probe_samples: int = 256
+    expand_top: float | None = None
+    calibration_samples: int = 512
 
 
 def default_output(model: Path, alphas: set[int]) -> Path:
@@ -60,22 +63,34 @@ def _resolve_settings(opts: ExpandOptions) -> dict:
     return {
         "alpha": pick(opts.alpha, "alpha", None),
         "split": pick(opts.split, "split", "random"),
-        "seed": pick(opts.seed, "seed", 0),
+        "seed": pick(opts.seed, "seed", None),  # None: the applied plan's seed, else 0 (expand_file)
         "outgoing": pick(opts.outgoing, "outgoing", "copy"),
         "clusters": pick(opts.clusters, "clusters", None),
+        "group_size": pick(opts.group_size, "group_size", None),
+        "expand_top": pick(opts.expand_top, "expand_top", None),
         "targets": opts.targets or recipe.get("targets") or [],
         "ignore": opts.ignore or recipe.get("ignore") or [],
     }
 
 
+def _load_data(ckpt: Checkpoint, data: str):
+    from .data import check_input_width, load_dataset  # data sets only when asked for
+
+    dataset = load_dataset(data)
+    check_input_width(dataset, ckpt.mlp.layers[0].in_features)
+    return dataset
+
+
+def calibration_inputs(ckpt: Checkpoint, data: str | None, samples: int) -> torch.Tensor:
+    if not data:
+        raise FPEError("--split activation needs calibration data", "pass --data (a built-in name or an .npz file)")
+    return _load_data(ckpt, data).x_train[:samples].to(torch.float32)
+
+
 def probe_inputs(ckpt: Checkpoint, data: str | None, samples: int, seed: int) -> tuple[torch.Tensor, str]:
     d_in = ckpt.mlp.layers[0].in_features
     if data:
-        from .data import check_input_width, load_dataset  # data sets only when asked for
-
-        dataset = load_dataset(data)
-        check_input_width(dataset, d_in)
-        return dataset.x_test[:samples].to(torch.float32), f"{data} (test split, first {samples})"
+        return _load_data(ckpt, data).x_test[:samples].to(torch.float32), f"{data} (test split, first {samples})"
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(samples, d_in, generator=gen), f"{samples} standard-normal inputs (seed {seed})"
 
@@ -85,8 +100,10 @@ def expand_file(opts: ExpandOptions) -> dict:
     settings = _resolve_settings(opts)
     ckpt = load_checkpoint(opts.model, opts.layers, opts.activation)
     check_finite(ckpt.mlp)
+    plan = load_plan(opts.plan) if opts.plan else None
+    alpha = settings["alpha"] if settings["alpha"] is not None or plan is None else plan_alpha(plan)
     targets = select_targets(ckpt.mlp, parse_selection(settings["targets"], settings["ignore"]),
-                             settings["alpha"], settings["split"])
+                             alpha, settings["split"], settings["expand_top"])
     output = opts.output or default_output(opts.model, {t.alpha for t in targets})
     check_writable(output, force=opts.force, inputs=(opts.model,))
     if opts.save_plan:
@@ -95,8 +112,13 @@ def expand_file(opts: ExpandOptions) -> dict:
     if any(t.split == "clause" for t in targets) and groups is None and opts.plan is None:
         raise FPEError("--split clause needs a clause map", "pass --clause-map clauses.json")
     plan = load_plan(opts.plan) if opts.plan else None
-    result = expand_mlp(ckpt.mlp, targets, seed=settings["seed"], outgoing=settings["outgoing"], plan=plan,
-                        groups=groups, clusters=settings["clusters"])
+    if settings["seed"] is None:  # record the seed that produced the split: an applied plan's own
+        settings["seed"] = plan.seed if plan is not None else 0
+    calibration = None
+    if any(t.split == "activation" for t in targets) and plan is None:
+        calibration = calibration_inputs(ckpt, opts.probe_data, opts.calibration_samples)
+    inputs = PlanInputs(groups, settings["clusters"], settings["group_size"], calibration)
+    result = expand_mlp(ckpt.mlp, targets, seed=settings["seed"], outgoing=settings["outgoing"], plan=plan, inputs=inputs)
     probes, probe_desc = probe_inputs(ckpt, opts.probe_data, opts.probe_samples, settings["seed"])
     drift = function_drift(ckpt.mlp, result.mlp, probes)
     meta = expanded_metadata(ckpt, result, settings, targets)
@@ -104,6 +126,13 @@ def expand_file(opts: ExpandOptions) -> dict:
     if opts.save_plan:
         save_plan(result.plan, opts.save_plan, source_sha256=ckpt.sha256, force=opts.force)
     return expand_report(ckpt, result, settings, output, opts, size, drift | {"probe": probe_desc})
+
+
+def plan_alpha(plan) -> int:
+    alphas = {p.alpha for p in plan.layers}
+    if len(alphas) != 1:
+        raise FPEError("the plan uses several alphas", "give them per target in a --recipe")
+    return alphas.pop()
 
 
 def expanded_metadata(ckpt: Checkpoint, result: ExpandResult, settings: dict, targets) -> dict[str, str]:
@@ -115,7 +144,8 @@ def expanded_metadata(ckpt: Checkpoint, result: ExpandResult, settings: dict, ta
         "fpe.source_file": ckpt.path.name,
         "fpe.settings": json.dumps({
             "seed": settings["seed"], "outgoing": settings["outgoing"], "bias": "copy",
-            "prune": PRUNE_RULE, "clusters": settings["clusters"], "default_split": settings["split"],
+            "prune": PRUNE_RULE, "clusters": settings["clusters"], "group_size": settings["group_size"],
+            "expand_top": settings["expand_top"], "default_split": settings["split"],
         }, sort_keys=True),
         "fpe.recipe": json.dumps({"targets": resolved, "ignore": settings["ignore"]}, sort_keys=True),
         "fpe.budget": json.dumps({

@@ -12,6 +12,11 @@ Strategies (all deterministic given the seed):
 - clause:     whole input groups (a user's clause map) dealt to children, balanced per parent.
 - gram:       input features clustered by |cosine| of W's columns (the Gram matrix W^T W
               normalized), then whole clusters dealt to children like clause groups.
+- activation: (ours) per parent, the edges' contributions w_ij * x_j on calibration samples where
+              the parent is active are clustered by |correlation| (co-active inputs stay together),
+              then dealt like clause groups. Needs calibration inputs (`--data`).
+Selective expansion (ours): `children[i]` = 1 leaves parent i whole (its one child owns every
+edge); only the `top` most polysemantic parents get alpha children.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 
 from .errors import FPEError
 
-STRATEGIES = ("random", "structured", "clause", "gram")
+STRATEGIES = ("random", "structured", "clause", "gram", "activation")
 ROW_CHUNK = 1024  # rows planned at a time (bounded memory; fixed so results never depend on it)
 
 
@@ -32,6 +37,11 @@ class LayerPlan:
     alpha: int
     split: str
     child: torch.Tensor  # int16 (h, d): owner child of each edge, -1 off the parent's support
+    children: torch.Tensor | None = None  # int64 (h,): children per parent (1 or alpha); None = alpha for all
+
+    def child_counts(self) -> torch.Tensor:
+        h = self.child.shape[0]
+        return self.children if self.children is not None else torch.full((h,), self.alpha, dtype=torch.int64)
 
 
 @dataclass
@@ -81,6 +91,34 @@ def plan_random(support: torch.Tensor, alpha: int, generator: torch.Generator) -
         owner = torch.div(rank * alpha, n, rounding_mode="floor")
         child[start:start + ROW_CHUNK] = torch.where(sup, owner, -1).to(torch.int16)
     return child
+
+
+def plan_random_grouped(support: torch.Tensor, alpha: int, group_size: int, generator: torch.Generator) -> torch.Tensor:
+    """One random balanced partition of the inputs per group of `group_size` consecutive parents.
+
+    Parents of a group share which inputs each child sees, so an expanded layer can run as a
+    gather plus a batched matmul (fpe_cli.layers.FPELinear) instead of a masked dense matmul.
+    """
+    h, d = support.shape
+    if group_size < 1:
+        raise FPEError(f"--group-size must be >= 1, got {group_size}")
+    child = torch.full((h, d), -1, dtype=torch.int16)
+    for start in range(0, h, group_size):
+        rank = _rank_within_rows(torch.rand(1, d, generator=generator))[0]  # a random permutation of inputs
+        owner = (rank * alpha) // d  # (d,): child of each input in this group
+        sup = support[start:start + group_size]
+        child[start:start + group_size] = torch.where(sup, owner, -1).to(torch.int16)
+    return child
+
+
+def _check_no_empty_child(child: torch.Tensor, alpha: int, key: str) -> None:
+    per_child = torch.zeros(child.shape[0], alpha, dtype=torch.int64)
+    c = child.to(torch.int64)
+    per_child.scatter_add_(1, c.clamp(min=0), (c >= 0).to(torch.int64))
+    empty = (per_child == 0).any(dim=1).nonzero().flatten()
+    if empty.numel():
+        raise FPEError(f"{key}: the shared split leaves a child of parent {int(empty[0])} without edges "
+                       f"({empty.numel()} parent(s))", "use --split random without --group-size for sparse layers")
 
 
 def plan_structured(support: torch.Tensor, alpha: int) -> torch.Tensor:
@@ -156,12 +194,70 @@ def gram_clusters(weight: torch.Tensor, n_clusters: int, generator: torch.Genera
     return assign
 
 
+def polysemanticity(weight: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Effective number of inputs driving each neuron: exp(entropy of w_ij^2 / sum_j w_ij^2), (h,)."""
+    w2 = (weight.to(torch.float32) * support) ** 2  # (h, d)
+    p = w2 / w2.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    entropy = -(p * torch.log(p.clamp(min=1e-30))).sum(dim=1)
+    return torch.exp(entropy)
+
+
+def top_parents(weight: torch.Tensor, support: torch.Tensor, top: float) -> torch.Tensor:
+    """bool (h,): the `top` most polysemantic parents (a count >= 1, or a fraction in (0, 1))."""
+    h = weight.shape[0]
+    k = int(top) if top >= 1 else max(1, round(top * h))
+    if k < 1 or k > h:
+        raise FPEError(f"--expand-top {top} selects {k} of {h} neurons", f"give a count in 1..{h} or a fraction in (0, 1)")
+    score = polysemanticity(weight, support)
+    chosen = torch.zeros(h, dtype=torch.bool)
+    chosen[torch.argsort(score, descending=True, stable=True)[:k]] = True
+    return chosen
+
+
+def plan_activation(weight: torch.Tensor, support: torch.Tensor, alpha: int, inputs: torch.Tensor,
+                    clusters: int, generator: torch.Generator) -> torch.Tensor:
+    """Per parent: cluster edges by |correlation| of their contributions where the parent fires, deal clusters."""
+    h, d = support.shape
+    x = inputs.to(torch.float32)  # (N, d)
+    pre = x @ (weight.to(torch.float32) * support).T  # (N, h)
+    child = torch.full((h, d), -1, dtype=torch.int16)
+    for i in range(h):
+        row = support[i]
+        active = pre[:, i] > pre[:, i].median()  # the samples where this parent responds most
+        contrib = x[active][:, row] * weight[i, row].to(torch.float32)  # (A, n_i)
+        if contrib.shape[0] < 2:
+            child[i] = plan_random(row[None], alpha, generator)[0]
+            continue
+        ids = gram_clusters(contrib - contrib.mean(dim=0), clusters, generator)  # (n_i,) cluster of each edge
+        group = torch.full((d,), -1, dtype=torch.int64)
+        group[row] = ids
+        child[i, row] = _deal_groups_row(row, group.clamp(min=0), int(ids.max()) + 1, alpha, generator).to(torch.int16)
+    return child
+
+
 def plan_layer(weight: torch.Tensor, support: torch.Tensor, alpha: int, split: str, *, key: str,
                generator: torch.Generator, groups: torch.Tensor | None = None,
-               clusters: int | None = None) -> LayerPlan:
-    """Plan one producer layer with the named strategy."""
+               clusters: int | None = None, group_size: int | None = None,
+               inputs: torch.Tensor | None = None, top: float | None = None) -> LayerPlan:
+    """Plan one producer layer with the named strategy (optionally only for the top parents)."""
     check_alpha(alpha, support, key)
-    if split == "random":
+    plan = _plan_all(weight, support, alpha, split, key=key, generator=generator, groups=groups,
+                     clusters=clusters, group_size=group_size, inputs=inputs)
+    if top is None:
+        return plan
+    chosen = top_parents(weight, support, top)
+    plan.child[~chosen] = torch.where(support[~chosen], 0, -1).to(torch.int16)  # one child owns every edge
+    plan.children = torch.where(chosen, alpha, 1).to(torch.int64)
+    return plan
+
+
+def _plan_all(weight: torch.Tensor, support: torch.Tensor, alpha: int, split: str, *, key: str,
+              generator: torch.Generator, groups: torch.Tensor | None, clusters: int | None,
+              group_size: int | None, inputs: torch.Tensor | None) -> LayerPlan:
+    if split == "random" and group_size:
+        child = plan_random_grouped(support, alpha, group_size, generator)
+        _check_no_empty_child(child, alpha, key)
+    elif split == "random":
         child = plan_random(support, alpha, generator)
     elif split == "structured":
         child = plan_structured(support, alpha)
@@ -177,6 +273,10 @@ def plan_layer(weight: torch.Tensor, support: torch.Tensor, alpha: int, split: s
     elif split == "gram":
         ids = gram_clusters(weight * support, clusters or 4 * alpha, generator)
         child = plan_groups(support, alpha, ids, generator)
+    elif split == "activation":
+        if inputs is None:
+            raise FPEError("--split activation needs calibration inputs", "pass --data (a data set or .npz)")
+        child = plan_activation(weight, support, alpha, inputs, clusters or 2 * alpha, generator)
     else:
         raise FPEError(f"unknown split {split!r}", f"choose one of: {', '.join(STRATEGIES)}")
     return LayerPlan(key, alpha, split, child)
@@ -197,10 +297,16 @@ def validate_layer_plan(plan: LayerPlan, support: torch.Tensor) -> list[str]:
         problems.append(f"{key}: plan leaves {int((support & (c < 0)).sum())} edge(s) of the parents unassigned")
     if bool((~support & (c >= 0)).any()):
         problems.append(f"{key}: plan assigns {int((~support & (c >= 0)).sum())} entries that are not edges of the parent")
+    counts = plan.child_counts()
+    if tuple(counts.shape) != (c.shape[0],) or bool(((counts < 1) | (counts > plan.alpha)).any()):
+        problems.append(f"{key}: plan child counts must be 1..{plan.alpha} per parent")
+    elif bool((c >= counts[:, None]).any()):
+        problems.append(f"{key}: plan assigns edges to children a parent does not have")
     if not problems:
         per_child = torch.zeros(c.shape[0], plan.alpha, dtype=torch.int64)
         per_child.scatter_add_(1, c.clamp(min=0), support.to(torch.int64))
-        empty = int((per_child == 0).sum())
+        exists = torch.arange(plan.alpha)[None, :] < counts[:, None]  # (h, alpha)
+        empty = int(((per_child == 0) & exists).sum())
         if empty:
             problems.append(f"{key}: plan leaves {empty} child(ren) without edges")
     return problems

@@ -28,7 +28,7 @@ from .errors import FPEError
 from .expand import Target
 from .model import MLP
 
-RECIPE_KEYS = {"alpha", "split", "seed", "outgoing", "targets", "ignore", "clusters"}
+RECIPE_KEYS = {"alpha", "split", "seed", "outgoing", "targets", "ignore", "clusters", "group_size", "expand_top"}
 
 
 @dataclass
@@ -67,7 +67,7 @@ def parse_selection(targets, ignore) -> Selection:
     for item in targets or []:
         if isinstance(item, str):
             entries.append({"match": item})
-        elif isinstance(item, dict) and isinstance(item.get("match"), str) and set(item) <= {"match", "alpha", "split"}:
+        elif isinstance(item, dict) and isinstance(item.get("match"), str) and set(item) <= {"match", "alpha", "split", "expand_top"}:
             entries.append(dict(item))
         else:
             raise FPEError(f"bad target entry {item!r}", "use a name, 're:REGEX', or {match: ..., alpha: N, split: NAME}")
@@ -86,7 +86,8 @@ def pattern_matches(pattern: str, names: tuple[str, ...]) -> bool:
     return pattern in names
 
 
-def select_targets(mlp: MLP, selection: Selection, alpha: int | None, split: str) -> list[Target]:
+def select_targets(mlp: MLP, selection: Selection, alpha: int | None, split: str,
+                   expand_top: float | None = None) -> list[Target]:
     """Hidden layers to expand, each with its alpha and split."""
     hidden = [(i, (layer.prefix, layer.weight_key)) for i, layer in enumerate(mlp.layers[:-1])]
     hidden_names = ", ".join(names[0] for _, names in hidden)
@@ -104,7 +105,10 @@ def select_targets(mlp: MLP, selection: Selection, alpha: int | None, split: str
         layer_alpha = entry.get("alpha", alpha)
         if layer_alpha is None:
             raise FPEError("--alpha is required (or set alpha in the recipe)")
-        chosen.append(Target(i, _as_alpha(layer_alpha), str(entry.get("split", split))))
+        top = entry.get("expand_top", expand_top)
+        if top is not None and (isinstance(top, bool) or not isinstance(top, (int, float)) or top <= 0):
+            raise FPEError(f"expand_top must be a positive count or a fraction in (0, 1), got {top!r}")
+        chosen.append(Target(i, _as_alpha(layer_alpha), str(entry.get("split", split)), top))
     if not chosen:
         raise FPEError("no hidden layer left to expand after --targets/--ignore", f"hidden layers: {hidden_names}")
     return chosen

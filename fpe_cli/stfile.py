@@ -77,7 +77,7 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
 
 
 def _validate_entries(path: Path, header: dict, data_len: int) -> None:
-    problems, spans = [], []
+    problems, spans, needed = [], [], 0
     for name, entry in header.items():
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             problems.append(f"{name}: entry lacks dtype/shape/data_offsets")
@@ -93,6 +93,7 @@ def _validate_entries(path: Path, header: dict, data_len: int) -> None:
             problems.append(f"{name}: bad data_offsets {offs!r}")
             continue
         begin, end = offs
+        needed = max(needed, end)
         expected = int(np.prod(shape, dtype=np.float64)) * _itemsize(DTYPES[dtype])
         if not 0 <= begin <= end <= data_len:
             problems.append(f"{name}: data_offsets {offs} outside the data section of {data_len} bytes")
@@ -104,6 +105,9 @@ def _validate_entries(path: Path, header: dict, data_len: int) -> None:
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             problems.append(f"{n0} and {n1}: overlapping data_offsets")
+    if needed > data_len:
+        raise FPEError(f"{path}: truncated: its tensors need {needed} bytes of data but the file holds {data_len}",
+                       "copy or save the checkpoint again")
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise FPEError(f"{path}: corrupt safetensors header: {shown}")
@@ -173,10 +177,20 @@ def atomic_output(path: Path, *, force: bool = False) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, _output_mode(path))  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _output_mode(path: Path) -> int:
+    """Permissions for a new output: an overwritten file's own, else 0666 minus the umask (like open())."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def check_writable(path: Path, *, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:

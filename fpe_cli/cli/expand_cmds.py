@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import report
+from ..errors import FPEError
 from ..pipeline import ExpandOptions, convert_file, expand_file, inspect_report, params_report, verify_file
 from .common import (ActivationOpt, ForceOpt, JsonOpt, LayersOpt, ModelArg, QuietOpt, app, emit_json,
                      err_console, handle_errors, out_console, parse_layers)
@@ -17,12 +18,22 @@ def _split_list(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
+def _parse_alpha(value: str | None) -> int | None:
+    """--alpha is read as text so that a non-integer gives one `Error:` line (exit 2), not a usage panel."""
+    if value is None:
+        return None
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise FPEError(f"alpha must be an integer >= 2, got {value!r}", "e.g. --alpha 4") from None
+
+
 @app.command()
 @handle_errors
 def expand(
     model: ModelArg,
-    alpha: Annotated[Optional[int], typer.Option("--alpha", "-a", help="Children per hidden neuron (integer >= 2).")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Split strategy: random, structured, clause or gram. [default: random]")] = None,
+    alpha: Annotated[Optional[str], typer.Option("--alpha", "-a", metavar="INTEGER", help="Children per hidden neuron (integer >= 2).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split strategy: random, structured, clause, gram or activation (needs --data). [default: random]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for the split. [default: 0]")] = None,
     outgoing: Annotated[Optional[str], typer.Option(help="Children's outgoing weights: copy (paper) or split (divide by alpha). [default: copy]")] = None,
     targets: Annotated[Optional[str], typer.Option(help="Hidden layers to expand, comma-separated names; 're:' marks a regex. [default: all]")] = None,
@@ -32,9 +43,11 @@ def expand(
     save_plan: Annotated[Optional[Path], typer.Option(help="Also write the split plan used (safetensors).")] = None,
     clause_map: Annotated[Optional[Path], typer.Option(help="Clause map (JSON/YAML) for --split clause.")] = None,
     clusters: Annotated[Optional[int], typer.Option(help="Feature clusters for --split gram. [default: 4*alpha]")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="With --split random: share one random partition among each group of this many consecutive parents (fast kernels).")] = None,
+    expand_top: Annotated[Optional[float], typer.Option(help="Selective expansion: split only the N most polysemantic neurons per layer (a count, or a fraction < 1); the rest keep one child.")] = None,
     layout: Annotated[str, typer.Option(help="Output storage: packed (values + bitmask) or dense (widened tensors + bool masks).")] = "packed",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. [default: MODEL.fpe<alpha>.safetensors beside the input]")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Data set (npz or built-in name) whose test inputs probe the function drift.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Data set (npz or built-in name): test inputs probe the drift; train inputs calibrate --split activation.")] = None,
     force: ForceOpt = False,
     layers: LayersOpt = None,
     activation: ActivationOpt = None,
@@ -48,8 +61,10 @@ def expand(
 
     Example:  fpe expand model.safetensors --alpha 4 --split random --seed 0 -o model.fpe4.safetensors
     """
+    alpha = _parse_alpha(alpha)
     opts = ExpandOptions(model, alpha, split, seed, outgoing, _split_list(targets), _split_list(ignore), recipe, plan,
-                         save_plan, clause_map, clusters, layout, output, force, parse_layers(layers), activation, data)
+                         save_plan, clause_map, clusters, group_size, layout, output, force, parse_layers(layers), activation, data)
+    opts.expand_top = expand_top
     doc = expand_file(opts)
     emit_json(doc) if json_out else None if quiet else report.render_expand(doc, err_console)
 
