@@ -42,6 +42,12 @@ def _describe(tensors: dict[str, torch.Tensor]) -> str:
 
 def weight_candidates(tensors: dict[str, torch.Tensor]) -> list[str]:
     """2-D floating tensors that look like weights (those named *weight when any are)."""
+    odd = [k for k, v in tensors.items() if k.lower().endswith("weight") and v.ndim > 2]
+    if odd:
+        raise FPEError(
+            f"{odd[0]}: a {tensors[odd[0]].ndim}-D weight {tuple(tensors[odd[0]].shape)}; fpe reads MLPs (2-D linear weights)",
+            "convolutional and other layers are not supported; name the MLP's layers with --layers",
+        )
     two_d = [k for k, v in tensors.items() if v.ndim == 2 and v.is_floating_point()]
     named = [k for k in two_d if k.lower().endswith("weight")]
     return sorted(named or two_d, key=natural_key)

@@ -6,6 +6,8 @@ Each command parses, calls the library, renders. No math, no file formats here.
 from __future__ import annotations
 
 import importlib
+import signal
+import sys
 
 from .common import app
 
@@ -19,5 +21,16 @@ for _name in COMMAND_MODULES:  # importing a module registers its commands on `a
             raise
 
 
+def _terminate(signum, frame) -> None:  # noqa: ARG001
+    """SIGTERM unwinds like Ctrl-C, so atomic writes remove their temp files on the way out."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
-    app()
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app()
+    except KeyboardInterrupt:  # outside a command body (e.g. while importing); commands map it themselves
+        print("Error: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -134,6 +134,15 @@ def emit_json(doc: Any) -> None:
     sys.stdout.flush()
 
 
+def working(message: str, quiet: bool = False):
+    """A spinner on stderr while long work runs, only on a terminal; nothing in pipes and logs."""
+    import contextlib
+
+    if quiet or not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    return err_console.status(message)
+
+
 def note(message: str, quiet: bool = False) -> None:
     if not quiet:
         err_console.print(message, highlight=False)

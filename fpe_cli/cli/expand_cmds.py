@@ -11,7 +11,7 @@ from .. import report
 from ..errors import FPEError
 from ..pipeline import ExpandOptions, convert_file, expand_file, inspect_report, params_report, verify_file
 from .common import (ActivationOpt, ForceOpt, JsonOpt, LayersOpt, ModelArg, QuietOpt, app, emit_json,
-                     err_console, handle_errors, out_console, parse_layers)
+                     err_console, handle_errors, out_console, parse_layers, working)
 
 
 def _split_list(value: str | None) -> list[str]:
@@ -65,7 +65,8 @@ def expand(
     opts = ExpandOptions(model, alpha, split, seed, outgoing, _split_list(targets), _split_list(ignore), recipe, plan,
                          save_plan, clause_map, clusters, group_size, layout, output, force, parse_layers(layers), activation, data)
     opts.expand_top = expand_top
-    doc = expand_file(opts)
+    with working(f"expanding {model} ...", quiet or json_out):
+        doc = expand_file(opts)
     emit_json(doc) if json_out else None if quiet else report.render_expand(doc, err_console)
 
 
