@@ -92,48 +92,81 @@ def copy_columns(layer: Layer, alpha: int | torch.Tensor, outgoing: str) -> Laye
     return Layer(layer.weight_key, weight, layer.bias_key, layer.bias, mask, layer.parents)
 
 
-def _masked_magnitudes(layer: Layer) -> np.ndarray:
-    """|w| of the layer's existing weights, row-major, as float32 (exact for every float dtype)."""
-    mags = layer.weight.abs().to(torch.float32).numpy().reshape(-1)
-    if torch.count_nonzero(layer.mask) == layer.mask.numel():
-        return mags  # every entry exists (typical for copied consumer columns): no gather needed
-    return mags[layer.mask.numpy().reshape(-1)]
+PRUNE_CHUNK = 1 << 22  # elements per step when scanning a layer (bounds temporaries)
+
+
+def _row_chunks(layer: Layer):
+    rows = max(1, PRUNE_CHUNK // max(1, layer.in_features))
+    for start in range(0, layer.out_features, rows):
+        yield slice(start, start + rows)
+
+
+def _gather_magnitudes(layers: list[Layer], total: int) -> np.ndarray:
+    """|w| of every existing weight, layer by layer in row-major order, as float32 (exact for every
+    float dtype), written into one preallocated array so no second copy is made."""
+    out = np.empty(total, dtype=np.float32)
+    at = 0
+    for layer in layers:
+        for rows in _row_chunks(layer):
+            mags = layer.weight[rows].abs().to(torch.float32).numpy().reshape(-1)
+            kept = mags[layer.mask[rows].numpy().reshape(-1)]
+            out[at:at + kept.size] = kept
+            at += kept.size
+    return out
+
+
+def _prune_layer(layer: Layer, threshold: float, ties_to_prune: int) -> tuple[int, int]:
+    """Prune |w| < threshold, then the first `ties_to_prune` |w| == threshold; returns (pruned, ties left)."""
+    pruned = 0
+    for rows in _row_chunks(layer):
+        mag, mask = layer.weight[rows].abs().to(torch.float32), layer.mask[rows]
+        drop = mask & (mag < threshold)
+        if ties_to_prune > 0:
+            tie_idx = (mask & (mag == threshold)).view(-1).nonzero().flatten()[:ties_to_prune]
+            drop.view(-1)[tie_idx] = True
+            ties_to_prune -= tie_idx.numel()
+        mask &= ~drop  # views: edits the layer in place
+        layer.weight[rows].masked_fill_(drop, 0)
+        pruned += int(torch.count_nonzero(drop))
+    return pruned, ties_to_prune
 
 
 def prune_to_budget(layers: list[Layer], budget: int) -> list[int]:
     """Remove the globally smallest |w| among existing weights until exactly `budget` remain.
 
     Ties are broken deterministically: earlier layer first, then row-major position.
-    Returns the number pruned per layer. Mutates the layers' masks and weights.
+    Returns the number pruned per layer. Mutates the layers' masks and weights in place.
     """
-    excess = sum(int(torch.count_nonzero(layer.mask)) for layer in layers) - budget
+    total = sum(int(torch.count_nonzero(layer.mask)) for layer in layers)
+    excess = total - budget
     if excess <= 0:
         return [0] * len(layers)
-    mags = np.concatenate([_masked_magnitudes(layer) for layer in layers])  # (total,)
+    mags = _gather_magnitudes(layers, total)  # (total,)
     mags.partition(excess - 1)  # in place: mags[excess - 1] is now the excess-th smallest magnitude
     threshold = float(mags[excess - 1])
     ties_to_prune = excess - int(np.count_nonzero(mags < threshold))
     del mags
     pruned = []
     for layer in layers:
-        mag = layer.weight.abs().to(torch.float32)
-        drop = layer.mask & (mag < threshold)
-        if ties_to_prune > 0:
-            tie_idx = (layer.mask & (mag == threshold)).view(-1).nonzero().flatten()[:ties_to_prune]
-            drop.view(-1)[tie_idx] = True
-            ties_to_prune -= tie_idx.numel()
-        layer.mask &= ~drop
-        layer.weight.masked_fill_(drop, 0)  # the layers are the expansion's own copies
-        pruned.append(int(torch.count_nonzero(drop)))
+        count, ties_to_prune = _prune_layer(layer, threshold, ties_to_prune)
+        pruned.append(count)
     return pruned
 
 
-def _ensure_masks(mlp: MLP) -> MLP:
-    """A copy that owns its tensors (pruning edits them in place), with explicit masks."""
+def _ensure_masks(mlp: MLP, fresh: set[int]) -> MLP:
+    """A copy with explicit masks whose tensors pruning may edit in place.
+
+    Layers in `fresh` are about to be replaced by new tensors (split or copied), so only the others
+    are cloned.
+    """
     out = mlp.copy()
-    for layer in out.layers:
-        layer.weight = layer.weight.clone()
-        layer.mask = layer.weight != 0 if layer.mask is None else layer.mask.clone()
+    for i, layer in enumerate(out.layers):
+        if layer.mask is None:
+            layer.mask = layer.weight != 0
+        elif i not in fresh:
+            layer.mask = layer.mask.clone()
+        if i not in fresh:
+            layer.weight = layer.weight.clone()
     return out
 
 
@@ -146,7 +179,7 @@ def expand_mlp(mlp: MLP, targets: list[Target], *, seed: int = 0, outgoing: str 
     inputs = inputs or PlanInputs()
     before = [layer.active_weights() for layer in mlp.layers]
     budget = sum(before)
-    work = _ensure_masks(mlp)
+    work = _ensure_masks(mlp, {t.index for t in targets} | {t.index + 1 for t in targets})
     generator = torch.Generator().manual_seed(seed)
     plans = []
     for target in sorted(targets, key=lambda t: t.index):
