@@ -99,6 +99,9 @@ def _attach_masks_and_lineage(layers: list[Layer], tensors: dict[str, torch.Tens
                 problems.append(f"lineage of {key}: expected int64 ({layer.out_features},), found {parents.dtype} {tuple(parents.shape)}")
             elif parents.numel() and int(parents.min()) < 0:
                 problems.append(f"lineage of {key}: negative parent index")
+            elif parents.numel() and int(parents.max()) >= layer.out_features:  # every parent has >= 1 child
+                problems.append(f"lineage of {key}: parent index {int(parents.max())} is not below the layer's "
+                                f"{layer.out_features} outputs")
             else:
                 layer.parents = parents
     if problems:

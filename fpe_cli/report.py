@@ -26,8 +26,12 @@ def render_expand(doc: dict, console: Console) -> None:
     holds = "[green]holds[/]" if doc["budget_holds"] else "[red]VIOLATED[/]"
     console.print(f"hidden widths {doc['hidden_widths_before']} -> {doc['hidden_widths_after']}; "
                   f"weights {doc['weights_after']:,} / budget {doc['budget']:,} ({holds})")
+    dead = [f"{row['weight']}: {row['rows_without_edges']}" for row in doc["layers"] if row.get("rows_without_edges")]
+    if dead:  # never silent: pruning can take every edge of a child (it then outputs only its bias)
+        console.print(f"[yellow]note:[/] rows left without input edges by the budget pruning: {', '.join(dead)}")
     d = doc["drift"]
-    agree = "n/a" if d["argmax_agreement"] is None else f"{d['argmax_agreement']:.1%}"
+    agree = d["argmax_agreement"]
+    agree = "n/a" if agree is None or agree != agree else f"{agree:.1%}"  # None (JSON) or NaN: one output
     console.print(f"function drift on {d['probe']}: relative L2 {d['relative_l2']:.3f}, "
                   f"argmax agreement {agree}. FPE changes the function: fine-tune before use (fpe finetune).")
     console.print(f"wrote {doc['output']} ({doc['layout']} layout, {doc['output_bytes']:,} bytes; "

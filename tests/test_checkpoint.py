@@ -1,0 +1,320 @@
+"""Reading checkpoints saved from plain torch.nn modules, and the files fpe writes (read without fpe)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_sequential, read_header_raw, read_numpy, run_cli, save_module, save_tensors, state_tensors
+from fpe_cli.checkpoint import load_checkpoint
+from fpe_cli.errors import FPEError
+from fpe_cli.model import forward
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+# ---------------------------------------------------------------- modules in the naming schemes people use
+
+
+class FC(torch.nn.Module):
+    def __init__(self, d=7, h=5, c=3, bias=True):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(d, h, bias=bias)
+        self.fc2 = torch.nn.Linear(h, c, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class LayerList(torch.nn.Module):
+    """layers.0 .. layers.11: equal widths, so only a natural sort of the names gives the right order."""
+
+    def __init__(self, n=12, d=6, width=6, c=6):
+        super().__init__()
+        widths = [d] + [width] * (n - 1) + [c]
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = make_sequential([7, 6, 5, 3], seed=3)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Nested(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.mlp = make_sequential([7, 5, 3], seed=4)
+
+    def forward(self, x):
+        return self.model.mlp(x)
+
+
+class WStyle(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.W1 = torch.nn.Parameter(torch.randn(5, 7, generator=g))
+        self.b1 = torch.nn.Parameter(torch.randn(5, generator=g))
+        self.W2 = torch.nn.Parameter(torch.randn(3, 5, generator=g))
+        self.b2 = torch.nn.Parameter(torch.randn(3, generator=g))
+
+    def forward(self, x):
+        return torch.relu(x @ self.W1.T + self.b1) @ self.W2.T + self.b2
+
+
+class WithExtras(torch.nn.Module):
+    """A chain plus tensors that are not part of it: a scalar buffer, a 1-D scale, a 2-D non-weight buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(7, 5)
+        self.fc2 = torch.nn.Linear(5, 3)
+        self.norm = torch.nn.LayerNorm(7)  # norm.weight is 1-D: not a chain candidate
+        self.register_buffer("step", torch.tensor(3))
+        self.register_buffer("proj_cache", torch.randn(4, 4))
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+SCHEMES = {
+    "sequential": (lambda: make_sequential([7, 5, 3], seed=1), ["0.weight", "2.weight"], ["0.bias", "2.bias"]),
+    "sequential-nobias": (lambda: make_sequential([7, 5, 4, 3], bias=False, seed=2), ["0.weight", "2.weight", "4.weight"], [None] * 3),
+    "fc": (lambda: FC(), ["fc1.weight", "fc2.weight"], ["fc1.bias", "fc2.bias"]),
+    "fc-nobias": (lambda: FC(bias=False), ["fc1.weight", "fc2.weight"], [None, None]),
+    "layers-N": (lambda: LayerList(), [f"layers.{i}.weight" for i in range(12)], [f"layers.{i}.bias" for i in range(12)]),
+    "net-N": (lambda: Net(), ["net.0.weight", "net.2.weight", "net.4.weight"], ["net.0.bias", "net.2.bias", "net.4.bias"]),
+    "nested": (lambda: Nested(), ["model.mlp.0.weight", "model.mlp.2.weight"], ["model.mlp.0.bias", "model.mlp.2.bias"]),
+    "W1-b1": (lambda: WStyle(), ["W1", "W2"], ["b1", "b2"]),
+    "extras": (lambda: WithExtras(), ["fc1.weight", "fc2.weight"], ["fc1.bias", "fc2.bias"]),
+}
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_discovery_in_each_naming_scheme(tmp_path, scheme, dtype):
+    build, weights, biases = SCHEMES[scheme]
+    torch.manual_seed(0)
+    module = build().to(dtype)
+    path = save_module(module, tmp_path / f"{scheme}.safetensors")
+    ckpt = load_checkpoint(path)
+    assert [layer.weight_key for layer in ckpt.mlp.layers] == weights
+    assert [layer.bias_key for layer in ckpt.mlp.layers] == biases
+    assert all(layer.weight.dtype == dtype for layer in ckpt.mlp.layers)
+    assert ckpt.layout == "plain" and not ckpt.mlp.is_expanded
+    if scheme == "extras":
+        assert set(ckpt.unused) == {"norm.weight", "norm.bias", "step", "proj_cache"}
+    else:
+        assert ckpt.unused == []
+    # the chain found computes what the module computes
+    x = torch.randn(8, ckpt.mlp.widths[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = module.float()(x)
+    torch.testing.assert_close(forward(ckpt.mlp, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["sequential", "fc", "layers-N", "nested", "W1-b1", "extras"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expand_keeps_dtype_and_names(tmp_path, scheme, dtype):
+    build, weights, biases = SCHEMES[scheme]
+    torch.manual_seed(0)
+    path = save_module(build().to(dtype), tmp_path / "m.safetensors")
+    res = run_cli(["expand", path, "--alpha", "2", "--layout", "dense", "-o", tmp_path / "out.safetensors"])
+    assert res.exit_code == 0, res.stderr
+    out = load_file(str(tmp_path / "out.safetensors"))
+    for w, b in zip(weights, biases):
+        assert out[w].dtype == dtype
+        assert out[f"fpe.mask:{w}"].dtype == torch.bool
+        if b:
+            assert out[b].dtype == dtype
+    ckpt = load_checkpoint(tmp_path / "out.safetensors")
+    assert [layer.weight_key for layer in ckpt.mlp.layers] == weights
+    assert all(layer.weight.dtype == dtype for layer in ckpt.mlp.layers)
+    assert run_cli(["verify", tmp_path / "out.safetensors", "--source", path]).exit_code == 0
+
+
+def test_layers_flag_for_explicit_order(tmp_path):
+    # square weights with names that do not sort: only --layers can say the order
+    g = torch.Generator().manual_seed(0)
+    path = save_tensors(tmp_path / "sq.safetensors", {"b_proj": torch.randn(4, 4, generator=g),
+                                                       "a_proj": torch.randn(4, 4, generator=g)})
+    ckpt = load_checkpoint(path, layers=["b_proj", "a_proj"])
+    assert [layer.weight_key for layer in ckpt.mlp.layers] == ["b_proj", "a_proj"]
+    res = run_cli(["expand", path, "--alpha", "2", "--layers", "b_proj,a_proj", "-o", tmp_path / "o.safetensors"])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(load_checkpoint(tmp_path / "o.safetensors").metadata["fpe.layers"]) == ["b_proj", "a_proj"]
+
+
+def test_ambiguous_order_is_an_error_listing_what_was_found(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"x.weight": torch.randn(4, 4, generator=g), "y.weight": torch.randn(4, 4, generator=g),
+               "z.weight": torch.randn(3, 5, generator=g)}
+    path = save_tensors(tmp_path / "amb.safetensors", tensors)
+    with pytest.raises(FPEError) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert "x.weight (4, 4)" in msg and "z.weight (3, 5)" in msg and "--layers" in msg
+
+
+def test_transposed_weights_are_named(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    path = save_tensors(tmp_path / "t.safetensors", {"l1.weight": torch.randn(7, 5, generator=g),
+                                                      "l2.weight": torch.randn(5, 3, generator=g)})
+    with pytest.raises(FPEError, match=r"\(in, out\)"):
+        load_checkpoint(path)
+
+
+# ---------------------------------------------------------------- what fpe writes, read without fpe
+
+
+def _expand(tmp_path, src, layout, name, *extra):
+    out = tmp_path / name
+    res = run_cli(["expand", src, "--alpha", "3", "--layout", layout, "-o", out, *extra])
+    assert res.exit_code == 0, res.stderr
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_layout_loads_into_plain_torch_module(tmp_path, dtype):
+    src = save_module(make_sequential([9, 6, 5, 4], seed=1, dtype=dtype), tmp_path / "m.safetensors")
+    out = _expand(tmp_path, src, "dense", "m.dense.safetensors")
+    state = {k: v for k, v in load_file(str(out)).items() if not k.startswith("fpe.")}
+    plain = make_sequential([9, 18, 15, 4], dtype=dtype)  # widened sizes
+    plain.load_state_dict(state, strict=True)
+    ckpt = load_checkpoint(out)
+    x = torch.randn(16, 9, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = plain.float()(x)
+    torch.testing.assert_close(got, forward(ckpt.mlp, x), rtol=1e-5, atol=1e-5)
+    # exact zeros off the mask, in the stored tensor itself
+    for key in ("0.weight", "2.weight", "4.weight"):
+        mask = load_file(str(out))[f"fpe.mask:{key}"]
+        assert not bool((state[key][~mask] != 0).any())
+
+
+def test_fc_module_loads_widened_dense_output(tmp_path):
+    src = save_module(FC(), tmp_path / "fc.safetensors")
+    out = _expand(tmp_path, src, "dense", "fc.dense.safetensors")
+    plain = FC(h=15)
+    plain.load_state_dict({k: v for k, v in load_file(str(out)).items() if not k.startswith("fpe.")}, strict=True)
+    x = torch.randn(4, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), forward(load_checkpoint(out).mlp, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_decoded_with_numpy_equals_dense(tmp_path, dtype):
+    src = save_module(make_sequential([13, 6, 5, 4], seed=2, dtype=dtype), tmp_path / "m.safetensors")
+    packed = _expand(tmp_path, src, "packed", "p.safetensors")
+    dense = _expand(tmp_path, src, "dense", "d.safetensors")
+    pt, pmeta = read_numpy(packed)
+    dt, dmeta = read_numpy(dense)
+    assert pmeta["fpe.layout"] == "packed" and dmeta["fpe.layout"] == "dense"
+    assert {k: v for k, v in pmeta.items() if k != "fpe.layout"} == {k: v for k, v in dmeta.items() if k != "fpe.layout"}
+    for key in ("0.weight", "2.weight", "4.weight"):
+        _, values = pt[f"fpe.values:{key}"]
+        _, bits = pt[f"fpe.bitmask:{key}"]
+        _, shape = pt[f"fpe.shape:{key}"]
+        rows, cols = (int(s) for s in shape)
+        assert bits.dtype == np.uint8 and bits.shape == (rows, (cols + 7) // 8)
+        full = np.unpackbits(bits, axis=-1, bitorder="little")
+        assert not full[:, cols:].any(), "padding bits must be zero"
+        mask = full[:, :cols].astype(bool)
+        weight = np.zeros((rows, cols), dtype=values.dtype)
+        weight[mask] = values  # row-major order
+        dtype_name, dense_w = dt[key]
+        assert dtype_name == {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[dtype]
+        assert np.array_equal(mask, dt[f"fpe.mask:{key}"][1])
+        assert weight.tobytes() == dense_w.tobytes(), f"{key}: packed decode differs from dense bit for bit"
+    for key in ("0.bias", "2.bias", "4.bias", "fpe.parents:0.weight", "fpe.parents:2.weight"):
+        assert pt[key][1].tobytes() == dt[key][1].tobytes()
+    assert pt["fpe.parents:0.weight"][1].tolist() == [i // 3 for i in range(18)]
+
+
+def test_packed_size_target_float32_alpha4(tmp_path):
+    # The bitmask costs 4*numel bits = 12.5% of the float32 values at alpha 4; copied biases and int64
+    # lineage add about 12/(d_in + d_out) on top, so the 1.15x target holds for realistically wide layers.
+    src = save_module(make_sequential([1024, 64, 64], seed=0), tmp_path / "m.safetensors")
+    out = tmp_path / "m.fpe4.safetensors"
+    assert run_cli(["expand", src, "--alpha", "4"]).exit_code == 0
+    assert out.stat().st_size <= 1.15 * src.stat().st_size
+
+
+@pytest.mark.parametrize("layout", ["packed", "dense"])
+def test_same_call_gives_identical_bytes_across_thread_counts(tmp_path, layout):
+    src = save_module(make_sequential([20, 12, 8, 5], seed=4), tmp_path / "m.safetensors")
+    outs = []
+    for n, threads in enumerate([1, 2, 1]):
+        torch.set_num_threads(threads)
+        for split in ("random", "gram"):
+            outs.append((split, _expand(tmp_path, src, layout, f"o{n}-{split}.safetensors", "--split", split,
+                                        "--seed", "7").read_bytes()))
+    for split in ("random", "gram"):
+        got = [b for s, b in outs if s == split]
+        assert got[0] == got[1] == got[2]
+    other_seed = _expand(tmp_path, src, layout, "seed8.safetensors", "--seed", "8").read_bytes()
+    assert other_seed != outs[0][1]
+
+
+def test_canonical_header(tmp_path):
+    src = save_module(make_sequential([9, 6, 4], seed=1), tmp_path / "m.safetensors")
+    for layout in ("packed", "dense"):
+        out = _expand(tmp_path, src, layout, f"{layout}.safetensors")
+        raw, header = read_header_raw(out)
+        assert len(raw) % 8 == 0
+        keys = list(header)
+        assert keys[0] == "__metadata__"
+        assert keys[1:] == sorted(keys[1:]), "tensor entries not sorted"
+        meta = header["__metadata__"]
+        assert list(meta) == sorted(meta), "metadata keys not sorted"
+        assert all(isinstance(v, str) for v in meta.values())
+        assert meta["format"] == "pt"
+        for k in ("fpe.version", "fpe.format_version", "fpe.settings", "fpe.budget", "fpe.source_sha256", "fpe.recipe"):
+            assert k in meta, k
+        offsets = [header[k]["data_offsets"] for k in keys[1:]]
+        assert offsets[0][0] == 0 and all(a[1] == b[0] for a, b in zip(offsets, offsets[1:])), "data not in key order"
+        text = raw.rstrip(b" ")
+        assert text == json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+        import hashlib
+        assert meta["fpe.source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+        settings = json.loads(meta["fpe.settings"])
+        assert settings["seed"] == 0 and settings["outgoing"] == "copy" and settings["bias"] == "copy"
+        assert json.loads(meta["fpe.budget"])["weights"] == 9 * 6 + 6 * 4
+
+
+def test_source_metadata_activation_is_used(tmp_path):
+    src = save_tensors(tmp_path / "m.safetensors", state_tensors(make_sequential([5, 4, 2])), {"activation": "tanh"})
+    ckpt = load_checkpoint(src)
+    assert ckpt.mlp.activation == "tanh" and ckpt.activation_source == "metadata"
+    out = _expand(tmp_path, src, "packed", "o.safetensors")
+    assert load_checkpoint(out).mlp.activation == "tanh"
+
+
+def test_output_gets_ordinary_permissions(tmp_path):
+    import os
+    src = save_module(make_sequential([5, 4, 2]), tmp_path / "m.safetensors")
+    umask = os.umask(0o022)
+    try:
+        out = _expand(tmp_path, src, "packed", "o.safetensors")
+        assert out.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        os.chmod(out, 0o640)
+        res = run_cli(["expand", src, "--alpha", "3", "-o", out, "--force"])
+        assert res.exit_code == 0 and out.stat().st_mode & 0o777 == 0o640  # an overwritten file keeps its mode
+    finally:
+        os.umask(umask)
