@@ -3,7 +3,8 @@
 Layouts:
 - `plain`: the user's own tensor names and shapes, nothing else (a dense model, no masks).
 - `dense`: original names with widened shapes and exact zeros off-mask, plus `fpe.mask:<key>` (bool)
-  and `fpe.parents:<key>` (int64 lineage) beside them; loads into a plain torch.nn MLP.
+  and `fpe.children:<key>` (int32 lineage: how many consecutive rows each parent became) beside
+  them; loads into a plain torch.nn MLP.
 - `packed`: each weight stored as `fpe.values:<key>` (its masked entries, row-major),
   `fpe.bitmask:<key>` (uint8 rows of little-endian bits) and `fpe.shape:<key>` (int64 [out, in]);
   biases and lineage as in `dense`.
@@ -83,6 +84,24 @@ def _unpack_packed(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     return out, masks
 
 
+def _lineage_problem(counts: torch.Tensor, rows: int) -> str | None:
+    """Children counts per parent must be int32 >= 1 and add up to the layer's rows."""
+    if counts.dtype != torch.int32 or counts.ndim != 1:
+        return f"expected a 1-D int32 tensor of children per parent, found {counts.dtype} {tuple(counts.shape)}"
+    if counts.numel() and int(counts.min()) < 1:
+        return "a parent has fewer than one child"
+    if int(counts.to(torch.int64).sum()) != rows:
+        return f"children add up to {int(counts.to(torch.int64).sum())}, but the layer has {rows} outputs"
+    return None
+
+
+def lineage_counts(parents: torch.Tensor) -> torch.Tensor:
+    """int32 children per parent from a lineage whose children are consecutive (as fpe writes them)."""
+    if parents.numel() and bool((parents[1:] < parents[:-1]).any()):
+        raise FPEError("lineage is not in parent order; fpe stores children of one parent consecutively")
+    return torch.bincount(parents).to(torch.int32)
+
+
 def _attach_masks_and_lineage(layers: list[Layer], tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
     problems = []
     for layer in layers:
@@ -93,17 +112,13 @@ def _attach_masks_and_lineage(layers: list[Layer], tensors: dict[str, torch.Tens
                 problems.append(f"mask of {key}: expected bool {tuple(layer.weight.shape)}, found {mask.dtype} {tuple(mask.shape)}")
             else:
                 layer.mask = mask
-        parents = tensors.get(f"{FPE_PREFIX}parents:{key}")
-        if parents is not None:
-            if parents.dtype != torch.int64 or tuple(parents.shape) != (layer.out_features,):
-                problems.append(f"lineage of {key}: expected int64 ({layer.out_features},), found {parents.dtype} {tuple(parents.shape)}")
-            elif parents.numel() and int(parents.min()) < 0:
-                problems.append(f"lineage of {key}: negative parent index")
-            elif parents.numel() and int(parents.max()) >= layer.out_features:  # every parent has >= 1 child
-                problems.append(f"lineage of {key}: parent index {int(parents.max())} is not below the layer's "
-                                f"{layer.out_features} outputs")
+        counts = tensors.get(f"{FPE_PREFIX}children:{key}")
+        if counts is not None:
+            problem = _lineage_problem(counts, layer.out_features)
+            if problem:
+                problems.append(f"lineage of {key}: {problem}")
             else:
-                layer.parents = parents
+                layer.parents = torch.arange(counts.numel()).repeat_interleave(counts.to(torch.int64))
     if problems:
         raise FPEError("; ".join(problems))
 
@@ -162,7 +177,7 @@ def mlp_tensors(mlp: MLP, layout: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for layer in mlp.layers:
         key = layer.weight_key
-        mask = layer.mask if layer.mask is not None else (torch.ones_like(layer.weight, dtype=torch.bool) if layout != "plain" else None)
+        mask = layer.support() if layout != "plain" else None  # a plain file's weights exist where non-zero
         if layout == "packed":
             out[f"{FPE_PREFIX}values:{key}"] = layer.weight[mask].contiguous()
             out[f"{FPE_PREFIX}bitmask:{key}"] = pack_mask(mask)
@@ -174,7 +189,7 @@ def mlp_tensors(mlp: MLP, layout: str) -> dict[str, torch.Tensor]:
         if layer.bias is not None:
             out[layer.bias_key] = layer.bias
         if layer.parents is not None:
-            out[f"{FPE_PREFIX}parents:{key}"] = layer.parents
+            out[f"{FPE_PREFIX}children:{key}"] = lineage_counts(layer.parents)
     return out
 
 

@@ -17,7 +17,7 @@ from .checkpoint import (Checkpoint, check_finite, load_checkpoint, load_plan, m
 from .errors import FPEError, VerificationError
 from .expand import ExpandResult, PlanInputs, expand_mlp, function_drift
 from .recipe import load_clause_map, load_recipe, parse_selection, select_targets
-from .stfile import check_writable
+from .stfile import check_writable, sha256_file
 from .verify import check_invariants, model_counts
 
 PRUNE_RULE = "global-magnitude; ties: earlier layer, then row-major"
@@ -122,6 +122,11 @@ def expand_file(opts: ExpandOptions) -> dict:
     probes, probe_desc = probe_inputs(ckpt, opts.probe_data, opts.probe_samples, settings["seed"])
     drift = function_drift(ckpt.mlp, result.mlp, probes)
     meta = expanded_metadata(ckpt, result, settings, targets)
+    meta["fpe.inputs"] = json.dumps({
+        "plan_sha256": sha256_file(opts.plan) if opts.plan else None,
+        "clause_map_sha256": sha256_file(opts.clause_map) if opts.clause_map else None,
+        "data": opts.probe_data,
+    }, sort_keys=True)
     size = save_checkpoint(result.mlp, output, opts.layout, meta, force=opts.force)
     if opts.save_plan:
         save_plan(result.plan, opts.save_plan, source_sha256=ckpt.sha256, force=opts.force)
@@ -223,7 +228,7 @@ def params_report(model: Path, layers=None, activation=None) -> dict:
 
 def _bytes_of(ckpt: Checkpoint, layer) -> int:
     key = layer.weight_key
-    names = [key, layer.bias_key, f"fpe.mask:{key}", f"fpe.parents:{key}", f"fpe.values:{key}",
+    names = [key, layer.bias_key, f"fpe.mask:{key}", f"fpe.children:{key}", f"fpe.values:{key}",
              f"fpe.bitmask:{key}", f"fpe.shape:{key}"]
     return sum(ckpt.tensor_bytes.get(n, 0) for n in names if n)
 

@@ -229,9 +229,9 @@ def case_lineage_out_of_range(tmp_path):
     from safetensors import safe_open
     with safe_open(str(tmp_path / "e.safetensors"), "pt") as fh:
         meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
-    tensors["fpe.parents:0.weight"] = torch.full((8,), 10**11, dtype=torch.int64)  # hostile: must not allocate
+    tensors["fpe.children:0.weight"] = torch.full((4,), 2**30, dtype=torch.int32)  # hostile: must not allocate
     save_file(tensors, str(tmp_path / "e.safetensors"), metadata=meta)
-    return ["verify", tmp_path / "e.safetensors"], ["lineage of 0.weight", "parent index"]
+    return ["verify", tmp_path / "e.safetensors"], ["lineage of 0.weight", "children add up to"]
 
 
 def case_plan_is_not_a_plan(tmp_path):

@@ -242,9 +242,9 @@ def test_packed_decoded_with_numpy_equals_dense(tmp_path, dtype):
         assert dtype_name == {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[dtype]
         assert np.array_equal(mask, dt[f"fpe.mask:{key}"][1])
         assert weight.tobytes() == dense_w.tobytes(), f"{key}: packed decode differs from dense bit for bit"
-    for key in ("0.bias", "2.bias", "4.bias", "fpe.parents:0.weight", "fpe.parents:2.weight"):
+    for key in ("0.bias", "2.bias", "4.bias", "fpe.children:0.weight", "fpe.children:2.weight"):
         assert pt[key][1].tobytes() == dt[key][1].tobytes()
-    assert pt["fpe.parents:0.weight"][1].tolist() == [i // 3 for i in range(18)]
+    assert pt["fpe.children:0.weight"][1].tolist() == [3] * 6  # 6 parents, 3 consecutive children each
 
 
 def test_packed_size_target_float32_alpha4(tmp_path):

@@ -150,7 +150,7 @@ def test_layout_dense(tmp_path, mlp_file):
     expand_ok(mlp_file, "--alpha", "2", "--layout", "dense", "-o", "d.safetensors")
     tensors = load_file(str(tmp_path / "d.safetensors"))
     assert set(tensors) == {"0.weight", "0.bias", "2.weight", "2.bias", "fpe.mask:0.weight", "fpe.mask:2.weight",
-                            "fpe.parents:0.weight"}
+                            "fpe.children:0.weight"}
     assert tensors["0.weight"].shape == (16, 12) and tensors["2.weight"].shape == (3, 16)
     assert torch.equal(tensors["0.bias"], load_file(str(mlp_file))["0.bias"].repeat_interleave(2))
     assert load_checkpoint(tmp_path / "d.safetensors").layout == "dense"

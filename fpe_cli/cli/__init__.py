@@ -9,6 +9,8 @@ import importlib
 import signal
 import sys
 
+from typer.exceptions import TyperException
+
 from .common import app
 
 COMMAND_MODULES = ("expand_cmds", "train_cmds", "analyze_cmds")
@@ -30,7 +32,12 @@ def main() -> None:
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        app()
+        code = app(standalone_mode=False)
+    except TyperException as exc:  # usage errors: one line instead of Click's boxed panel
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"Error: {message} (see 'fpe --help' or 'fpe COMMAND --help')", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:  # outside a command body (e.g. while importing); commands map it themselves
         print("Error: interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

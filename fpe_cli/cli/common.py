@@ -53,7 +53,7 @@ LayersOpt = Annotated[
         help="Comma-separated weight tensor names, in order, when the chain cannot be found from names and shapes.",
     ),
 ]
-ModelArg = Annotated[Path, typer.Argument(help="A safetensors checkpoint.", show_default=False)]
+ModelArg = Annotated[Path, typer.Argument(help="A safetensors checkpoint.", show_default=False, metavar="MODEL")]
 
 
 def version_callback(value: bool) -> None:

@@ -1,0 +1,286 @@
+"""Data sets: the `.npz` contract, the built-in `digits` set and the Boolean DNF generator.
+
+A data set is four arrays: `x_train (N, d)` and `x_test (M, d)` float inputs; labels `y_train`,
+`y_test` either integer class ids `(N,)` (single-label) or 0/1 matrices `(N, C)` (multi-label).
+Specs accepted by `load_dataset`:
+  - a path to an `.npz` file with those four keys (optional `num_classes` scalar; `name` string);
+  - `digits` or `digits:test=0.25,seed=0` (scikit-learn's bundled 8x8 digits, pixels / 16);
+  - `dnf:vars=32,clauses=8,k=3,...` (Boolean DNF task, see `DNF_DEFAULTS` and `make_dnf`).
+Nothing here prints; every problem is an `FPEError` naming the array and the expected shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import FPEError
+from .stfile import atomic_output
+
+KEYS = ("x_train", "y_train", "x_test", "y_test")
+EXPECTED = ("expected x_train (N, d) float, y_train (N,) integer labels or (N, C) 0/1 matrix, "
+            "x_test (M, d) float, y_test (M,) or (M, C)")
+
+
+@dataclass
+class Dataset:
+    """Train and test split of one classification task, as torch tensors."""
+
+    name: str
+    x_train: torch.Tensor  # (N, d) float32
+    y_train: torch.Tensor  # (N,) int64 class ids, or (N, C) float32 0/1 when multilabel
+    x_test: torch.Tensor  # (M, d) float32
+    y_test: torch.Tensor  # (M,) or (M, C)
+    multilabel: bool = False
+    num_classes: int = 0  # classes (single-label) or labels (multi-label)
+    info: dict = field(default_factory=dict)  # generator settings, clause definitions, ...
+
+    @property
+    def num_inputs(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def num_outputs(self) -> int:
+        """Logits a model needs: one per class, or one per label."""
+        return self.num_classes
+
+    def sha256(self) -> str:
+        """Hash of the content (arrays, dtypes, shapes and the label kind), not of the name."""
+        digest = hashlib.sha256(f"fpe-data-v1 multilabel={self.multilabel} classes={self.num_classes}".encode())
+        for key in KEYS:
+            t = getattr(self, key).contiguous()
+            digest.update(f"{key} {t.dtype} {tuple(t.shape)}".encode())
+            digest.update(t.numpy().tobytes())
+        return digest.hexdigest()
+
+    def summary(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256(), "train": len(self.x_train), "test": len(self.x_test),
+                "inputs": self.num_inputs, "outputs": self.num_outputs, "multilabel": self.multilabel}
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _labels_problems(key: str, y: np.ndarray, n: int) -> list[str]:
+    problems = []
+    if y.shape[:1] != (n,):
+        x_key = key.replace("y_", "x_")
+        problems.append(f"{key}: expected {n} labels to match {x_key} ({n} rows), found shape {y.shape}")
+    if y.ndim == 1 and not np.issubdtype(y.dtype, np.integer):
+        problems.append(f"{key}: expected integer class labels (N,), found {y.dtype} "
+                        "(use y.astype(np.int64); multi-label targets are a 0/1 matrix (N, C))")
+    elif y.ndim == 2 and not (np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_):
+        problems.append(f"{key}: expected a 0/1 float matrix (N, C), found dtype {y.dtype}")
+    elif y.ndim not in (1, 2):
+        problems.append(f"{key}: expected (N,) integer labels or an (N, C) 0/1 matrix, found shape {y.shape}")
+    elif np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
+        problems.append(f"{key}: NaN or Inf labels")
+    elif y.ndim == 1 and y.size and y.min() < 0:
+        problems.append(f"{key}: label {int(y.min())} out of range (labels are class ids 0..C-1)")
+    elif y.ndim == 2 and not np.isin(y, (0, 1)).all():
+        problems.append(f"{key}: multi-label targets must be 0 or 1, found other values")
+    return problems
+
+
+def _input_problems(key: str, x: np.ndarray) -> list[str]:
+    if x.ndim != 2:
+        return [f"{key}: expected a 2-D array (N, d), found shape {x.shape} (flatten with x.reshape(len(x), -1))"]
+    if not np.issubdtype(x.dtype, np.floating):
+        return [f"{key}: expected float inputs (N, d), found {x.dtype} (use x.astype(np.float32))"]
+    if len(x) == 0:
+        return [f"{key}: no samples (shape {x.shape})"]
+    if not np.isfinite(x).all():
+        return [f"{key}: NaN or Inf inputs (expected finite floats)"]
+    return []
+
+
+def validate_arrays(arrays: dict[str, np.ndarray], where: str, num_classes: int | None = None) -> None:
+    """Collect every problem of the four arrays and raise one FPEError listing them."""
+    missing = [k for k in KEYS if k not in arrays]
+    if missing:
+        raise FPEError(f"{where}: missing array(s) {', '.join(missing)}", EXPECTED)
+    problems = _input_problems("x_train", arrays["x_train"]) + _input_problems("x_test", arrays["x_test"])
+    for split in ("train", "test"):
+        problems += _labels_problems(f"y_{split}", arrays[f"y_{split}"], len(arrays[f"x_{split}"]))
+    x_tr, x_te, y_tr, y_te = (arrays[k] for k in KEYS)
+    if not problems and x_tr.shape[1] != x_te.shape[1]:
+        problems.append(f"x_test: expected {x_tr.shape[1]} features like x_train, found shape {x_te.shape}")
+    if not problems and y_tr.ndim != y_te.ndim:
+        problems.append(f"y_test: shape {y_te.shape} is not the same kind of label as y_train {y_tr.shape}")
+    if not problems and y_tr.ndim == 2 and y_tr.shape[1] != y_te.shape[1]:
+        problems.append(f"y_test: expected {y_tr.shape[1]} labels per row like y_train, found shape {y_te.shape}")
+    if not problems and num_classes is not None and y_tr.ndim == 1:
+        for key, y in (("y_train", y_tr), ("y_test", y_te)):
+            if y.size and y.max() >= num_classes:
+                problems.append(f"{key}: label {int(y.max())} out of range for num_classes={num_classes}")
+    if problems:
+        raise FPEError(f"{where}: " + "; ".join(problems))
+
+
+def from_arrays(name: str, arrays: dict[str, np.ndarray], num_classes: int | None = None,
+                info: dict | None = None) -> Dataset:
+    """Validate numpy arrays and wrap them as a Dataset (inputs float32, labels int64 or float32)."""
+    validate_arrays(arrays, name, num_classes)
+    multilabel = arrays["y_train"].ndim == 2
+    if multilabel:
+        ys = [torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32)) for k in ("y_train", "y_test")]
+        classes = int(arrays["y_train"].shape[1])
+    else:
+        ys = [torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.int64)) for k in ("y_train", "y_test")]
+        classes = num_classes or int(max(ys[0].max(), ys[1].max() if ys[1].numel() else 0)) + 1
+    xs = [torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32)) for k in ("x_train", "x_test")]
+    return Dataset(name, xs[0], ys[0], xs[1], ys[1], multilabel, classes, dict(info or {}))
+
+
+def check_input_width(dataset: Dataset, d_in: int, key: str = "the model") -> None:
+    if dataset.num_inputs != d_in:
+        raise FPEError(
+            f"{dataset.name}: x_train has {dataset.num_inputs} features (shape {tuple(dataset.x_train.shape)}) "
+            f"but {key} takes {d_in} inputs", "use the data set the model was trained on")
+
+
+def check_output_width(dataset: Dataset, d_out: int, key: str = "the model") -> None:
+    if dataset.multilabel and dataset.num_outputs != d_out:
+        raise FPEError(f"{dataset.name}: y_train has {dataset.num_outputs} labels per row but {key} has {d_out} outputs")
+    if not dataset.multilabel and dataset.num_classes > d_out:
+        raise FPEError(f"{dataset.name}: labels go up to {dataset.num_classes - 1} but {key} has {d_out} outputs "
+                       f"(expected y_train (N,) with labels 0..{d_out - 1})")
+
+
+# ---------------------------------------------------------------- .npz files
+
+
+def load_npz(path: Path) -> Dataset:
+    path = Path(path)
+    if not path.exists():
+        raise FPEError(f"{path}: no such file", "give an .npz file or a built-in: digits, dnf:vars=32,clauses=8,k=3")
+    if path.is_dir():
+        raise FPEError(f"{path}: is a directory, expected an .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except AttributeError:  # a bare .npy: np.load returned an array, which has no context manager
+        raise FPEError(f"{path}: a single .npy array, expected an .npz archive", EXPECTED) from None
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise FPEError(f"{path}: holds object (pickled) arrays, which are refused", "save plain numeric arrays") from None
+        raise FPEError(f"{path}: not a readable .npz archive ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise FPEError(f"{path}: not a readable .npz archive ({type(exc).__name__}: {exc})") from None
+    num_classes = _scalar_int(arrays.pop("num_classes", None), path)
+    name = str(arrays.pop("name")) if "name" in arrays and arrays["name"].dtype.kind == "U" else path.name
+    info = _info(arrays.pop("info", None))
+    return from_arrays(str(path) if name == path.name else name, arrays, num_classes, info)
+
+
+def _scalar_int(value: np.ndarray | None, path: Path) -> int | None:
+    if value is None:
+        return None
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer) or int(value) < 1:
+        raise FPEError(f"{path}: num_classes: expected a positive integer scalar, found {value.dtype} {value.shape}")
+    return int(value)
+
+
+def _info(value: np.ndarray | None) -> dict:
+    try:
+        return json.loads(str(value)) if value is not None and value.dtype.kind == "U" else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def write_dataset_npz(dataset: Dataset, path: Path, force: bool = False) -> int:
+    """Write the four arrays (plus name, num_classes, info) atomically; returns the bytes written."""
+    arrays = {k: getattr(dataset, k).numpy() for k in KEYS}
+    arrays["num_classes"] = np.array(dataset.num_classes, dtype=np.int64)
+    arrays["name"] = np.array(dataset.name)
+    arrays["info"] = np.array(json.dumps(dataset.info, sort_keys=True))
+    with atomic_output(Path(path), force=force) as tmp:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would otherwise append ".npz" to the name
+            np.savez_compressed(fh, **arrays)
+    return Path(path).stat().st_size
+
+
+def write_clause_map(groups: list[list[int]], path: Path, num_inputs: int, force: bool = False) -> int:
+    """JSON `{"groups": [[inputs of clause 0], ...], "num_inputs": d}`, as `fpe expand --clause-map` reads."""
+    text = json.dumps({"groups": [list(map(int, g)) for g in groups], "num_inputs": int(num_inputs)}) + "\n"
+    with atomic_output(Path(path), force=force) as tmp:
+        tmp.write_text(text)
+    return Path(path).stat().st_size
+
+
+# ---------------------------------------------------------------- built-ins and specs
+
+
+def parse_spec(text: str, defaults: dict, what: str) -> dict:
+    """`key=value,key=value` -> dict typed like `defaults`; unknown keys and bad values are errors."""
+    out = dict(defaults)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in defaults:
+            raise FPEError(f"{what}: unknown or malformed setting {part!r}",
+                           f"settings: {', '.join(f'{k}={v}' for k, v in defaults.items())}")
+        kind = type(defaults[key])
+        try:
+            out[key] = kind(value.strip())
+        except ValueError:
+            raise FPEError(f"{what}: {key} must be {kind.__name__}, got {value.strip()!r}") from None
+    return out
+
+
+def spec_string(prefix: str, settings: dict) -> str:
+    return prefix + ":" + ",".join(f"{k}={v}" for k, v in settings.items())
+
+
+DIGITS_DEFAULTS = {"test": 0.25, "seed": 0}
+
+
+def load_digits_dataset(spec: str = "") -> Dataset:
+    """scikit-learn's 8x8 digits (1797 x 64, 10 classes), pixels / 16, stratified seeded split."""
+    cfg = parse_spec(spec, DIGITS_DEFAULTS, "digits")
+    if not 0 < cfg["test"] < 1:
+        raise FPEError(f"digits: test must be a fraction in (0, 1), got {cfg['test']}")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise FPEError("the digits data set needs scikit-learn", "pip install 'fpe[data]'") from None
+    bunch = load_digits()
+    x, y = bunch.data.astype(np.float32) / 16.0, bunch.target.astype(np.int64)
+    test_idx = _stratified_test_indices(y, cfg["test"], cfg["seed"])
+    is_test = np.zeros(len(y), dtype=bool)
+    is_test[test_idx] = True
+    arrays = {"x_train": x[~is_test], "y_train": y[~is_test], "x_test": x[is_test], "y_test": y[is_test]}
+    return from_arrays(spec_string("digits", cfg), arrays, 10, {"source": "sklearn.datasets.load_digits", **cfg})
+
+
+def _stratified_test_indices(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Per class, a seeded permutation (torch.Generator, stable across versions); the first share is test."""
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        perm = torch.randperm(len(idx), generator=gen).numpy()
+        picked.append(idx[perm[: int(round(fraction * len(idx)))]])
+    return np.sort(np.concatenate(picked))
+
+
+def load_dataset(spec: str | Path) -> Dataset:
+    """A data set from an `.npz` path or a built-in spec (`digits[:...]`, `dnf:...`)."""
+    text = str(spec).strip()
+    name, _, rest = text.partition(":")
+    if name == "digits":
+        return load_digits_dataset(rest)
+    if name == "dnf":
+        from .dnf import make_dnf  # noqa: PLC0415 - the generator only when asked for
+
+        return make_dnf(rest)
+    if text.endswith(".npz") or Path(text).exists():
+        return load_npz(Path(text))
+    raise FPEError(f"unknown data set {text!r}",
+                   "give an .npz file (x_train, y_train, x_test, y_test) or a built-in: digits, dnf:vars=32,clauses=8,k=3")
