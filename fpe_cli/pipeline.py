@@ -123,7 +123,6 @@ def expand_file(opts: ExpandOptions) -> dict:
     drift = function_drift(ckpt.mlp, result.mlp, probes)
     meta = expanded_metadata(ckpt, result, settings, targets)
     meta["fpe.inputs"] = json.dumps({
-        "plan_sha256": sha256_file(opts.plan) if opts.plan else None,
         "clause_map_sha256": sha256_file(opts.clause_map) if opts.clause_map else None,
         "data": opts.probe_data,
     }, sort_keys=True)
