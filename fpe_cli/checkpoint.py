@@ -179,7 +179,7 @@ def mlp_tensors(mlp: MLP, layout: str) -> dict[str, torch.Tensor]:
         key = layer.weight_key
         mask = layer.support() if layout != "plain" else None  # a plain file's weights exist where non-zero
         if layout == "packed":
-            out[f"{FPE_PREFIX}values:{key}"] = layer.weight[mask].contiguous()
+            out[f"{FPE_PREFIX}values:{key}"] = packed_values(layer.weight, mask)
             out[f"{FPE_PREFIX}bitmask:{key}"] = pack_mask(mask)
             out[f"{FPE_PREFIX}shape:{key}"] = torch.tensor(list(layer.weight.shape), dtype=torch.int64)
         else:
@@ -191,6 +191,13 @@ def mlp_tensors(mlp: MLP, layout: str) -> dict[str, torch.Tensor]:
         if layer.parents is not None:
             out[f"{FPE_PREFIX}children:{key}"] = lineage_counts(layer.parents)
     return out
+
+
+def packed_values(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The masked entries in row-major order (a free view when every entry exists)."""
+    if int(torch.count_nonzero(mask)) == mask.numel():
+        return weight.reshape(-1)
+    return weight[mask]
 
 
 def fpe_metadata(mlp: MLP, layout: str, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -238,7 +238,8 @@ def _plan_for(work: MLP, target: Target, plan: SplitPlan | None, generator: torc
 
 def function_drift(dense: MLP, expanded: MLP, x: torch.Tensor) -> dict[str, float]:
     """How far the expanded model's outputs move from the dense model's on probe inputs x (N, d)."""
-    y0, y1 = forward(dense, x), forward(expanded, x)  # (N, C)
+    y0 = forward(dense, x)  # (N, C)
+    y1 = forward(expanded, x, apply_masks=False)  # expansion leaves exact zeros off the mask
     diff = (y1 - y0).norm()
     return {
         "probe_samples": int(x.shape[0]),

@@ -33,11 +33,6 @@ def unpack_mask(bits: torch.Tensor, shape: tuple[int, int], name: str = "mask") 
     return torch.from_numpy(full[:, :cols].astype(np.bool_))
 
 
-def pack_weight(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values of the masked entries in row-major order, packed bitmask)."""
-    return weight[mask].contiguous(), pack_mask(mask)
-
-
 def unpack_weight(values: torch.Tensor, bits: torch.Tensor, shape: tuple[int, int], name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Rebuild (dense weight with exact zeros off-mask, bool mask) from packed storage."""
     mask = unpack_mask(bits, shape, name)

@@ -101,12 +101,16 @@ def effective_weight(layer: Layer) -> torch.Tensor:
     return layer.weight.masked_fill(~layer.mask, 0)
 
 
-def forward(mlp: MLP, x: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Reference forward pass: (N, d_in) -> (N, d_out), computed in `dtype` with masks applied."""
+def forward(mlp: MLP, x: torch.Tensor, *, dtype: torch.dtype = torch.float32, apply_masks: bool = True) -> torch.Tensor:
+    """Reference forward pass: (N, d_in) -> (N, d_out), computed in `dtype` with masks applied.
+
+    apply_masks=False skips the mask multiply for models known to hold exact zeros off the mask
+    (what `expand_mlp` produces; `fpe verify` checks it for files).
+    """
     act = activation_fn(mlp.activation)
     h = x.to(dtype)
     for i, layer in enumerate(mlp.layers):
-        w = effective_weight(layer).to(dtype)
+        w = (effective_weight(layer) if apply_masks else layer.weight).to(dtype)
         b = layer.bias.to(dtype) if layer.bias is not None else None
         h = torch.nn.functional.linear(h, w, b)  # (N, out)
         if i < len(mlp.layers) - 1:
