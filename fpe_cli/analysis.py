@@ -32,6 +32,7 @@ from .model import MLP, Layer, effective_weight, hidden_activations
 
 Progress = Callable[[int], None] | None
 CHUNK = 1024
+BATCH = 1024  # probe samples per forward pass (a (BATCH, width) activation block per hidden layer)
 METRICS = ("capacity_mean", "capacity_median", "capacity_sum", "capacity_fraction_below_half",
            "cosine_mean_abs", "cosine_mean_abs_non_sibling", "polysemanticity_mean", "polysemanticity_median",
            "class_selectivity_mean", "dead_fraction", "activation_density")
@@ -176,7 +177,7 @@ class ActivationStats:
 
     def add(self, acts: torch.Tensor, targets: torch.Tensor) -> None:
         """acts (N, h); targets (N, C) float 0/1 (one-hot or multi-label)."""
-        self.class_sums += targets.double().T @ acts.double()  # (C, h)
+        self.class_sums += (targets.float().T @ acts.float()).double()  # (C, h); float64 across batches
         self.class_counts += targets.double().sum(dim=0)
         self.active_counts += (acts > 0).sum(dim=0)
         self.samples += acts.shape[0]
@@ -191,7 +192,7 @@ def label_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(y.long(), num_classes).to(torch.float64)
 
 
-def activation_stats(mlp: MLP, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, batch: int = 4096,
+def activation_stats(mlp: MLP, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, batch: int = BATCH,
                      progress: Progress = None) -> list[ActivationStats]:
     """One ActivationStats per hidden layer, from the probe inputs x (N, d) and labels y, in batches."""
     stats = [ActivationStats.empty(num_classes, layer.out_features) for layer in mlp.layers[:-1]]
