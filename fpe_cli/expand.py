@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -180,7 +182,7 @@ def expand_mlp(mlp: MLP, targets: list[Target], *, seed: int = 0, outgoing: str 
     before = [layer.active_weights() for layer in mlp.layers]
     budget = sum(before)
     work = _ensure_masks(mlp, {t.index for t in targets} | {t.index + 1 for t in targets})
-    generator = torch.Generator().manual_seed(seed)
+    generator = split_generator(seed)
     plans = []
     for target in sorted(targets, key=lambda t: t.index):
         layer_plan = _plan_for(work, target, plan, generator, inputs)
@@ -192,6 +194,16 @@ def expand_mlp(mlp: MLP, targets: list[Target], *, seed: int = 0, outgoing: str 
     after = [int(torch.count_nonzero(layer.mask)) for layer in work.layers]
     dead = [int((~layer.mask.any(dim=1)).sum()) for layer in work.layers]
     return ExpandResult(work, SplitPlan(plans, seed), budget, before, after, pruned, dead)
+
+
+def split_generator(seed: int) -> torch.Generator:
+    """The split's random stream, derived from the seed by hashing.
+
+    Seeding it with `seed` directly would replay the stream that `torch.manual_seed(seed)` gave
+    nn.Linear's initialisation, so random splits could line up with the weights' values.
+    """
+    digest = hashlib.sha256(f"fpe.split:{seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def _check_targets(mlp: MLP, targets: list[Target]) -> None:
