@@ -163,10 +163,11 @@ def load_npz(path: Path) -> Dataset:
     if path.is_dir():
         raise FPEError(f"{path}: is a directory, expected an .npz file")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        npz = np.load(path, allow_pickle=False)
+        if not hasattr(npz, "files"):  # a bare .npy: np.load returned one array
+            raise FPEError(f"{path}: a single .npy array, expected an .npz archive", EXPECTED)
+        with npz:
             arrays = {k: npz[k] for k in npz.files}
-    except AttributeError:  # a bare .npy: np.load returned an array, which has no context manager
-        raise FPEError(f"{path}: a single .npy array, expected an .npz archive", EXPECTED) from None
     except ValueError as exc:
         if "pickle" in str(exc).lower():
             raise FPEError(f"{path}: holds object (pickled) arrays, which are refused", "save plain numeric arrays") from None
@@ -174,9 +175,11 @@ def load_npz(path: Path) -> Dataset:
     except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise FPEError(f"{path}: not a readable .npz archive ({type(exc).__name__}: {exc})") from None
     num_classes = _scalar_int(arrays.pop("num_classes", None), path)
-    name = str(arrays.pop("name")) if "name" in arrays and arrays["name"].dtype.kind == "U" else path.name
+    origin = arrays.pop("name", None)
     info = _info(arrays.pop("info", None))
-    return from_arrays(str(path) if name == path.name else name, arrays, num_classes, info)
+    if origin is not None and origin.dtype.kind == "U" and origin.shape == ():
+        info["written_from"] = str(origin)  # the built-in spec `fpe data` wrote it from
+    return from_arrays(str(path), arrays, num_classes, info)
 
 
 def _scalar_int(value: np.ndarray | None, path: Path) -> int | None:

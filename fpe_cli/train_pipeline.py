@@ -1,0 +1,135 @@
+"""File-level workflows behind `fpe data`, `train`, `finetune` and `evaluate`: load, run, save, report.
+
+Each function returns the JSON document the command prints. Under torchrun every rank runs the
+work; only rank 0 writes files (the trained weights are identical on every rank).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from .checkpoint import check_finite, load_checkpoint, save_checkpoint
+from .data import Dataset, check_input_width, check_output_width, load_dataset, write_clause_map, write_dataset_npz
+from .distributed import context
+from .errors import FPEError
+from .stfile import check_writable
+from .train import Callback, TrainConfig, evaluate, finetune, train_dense
+from .verify import model_counts
+
+
+def parse_hidden(text: str) -> list[int]:
+    try:
+        widths = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise FPEError(f"--hidden must be comma-separated integers, got {text!r}", "e.g. --hidden 64 or --hidden 64,32") from None
+    if not widths or min(widths) < 1:
+        raise FPEError(f"--hidden needs positive widths, got {text!r}", "e.g. --hidden 64 or --hidden 64,32")
+    return widths
+
+
+def data_stem(spec: str) -> str:
+    """`digits` -> digits, `dnf:vars=8` -> dnf, `path/to/set.npz` -> set."""
+    head = spec.split(":", 1)[0]
+    return Path(head).stem if head.endswith(".npz") else head
+
+
+def state_path_for(output: Path) -> Path:
+    """Where the resume state of a run writing `output` lives: `OUT.resume.safetensors` beside it."""
+    name = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
+    return output.with_name(name + ".resume.safetensors")
+
+
+def _data_record(dataset: Dataset) -> dict:
+    info = {k: v for k, v in dataset.info.items() if k != "literals"}
+    return {**dataset.summary(), "info": info}
+
+
+def _counts(mlp) -> dict:
+    total = model_counts(mlp)["total"]
+    return {k: total[k] for k in ("weights", "nonzero_weights", "biases", "hidden_neurons")}
+
+
+def _finish(output: Path, state: Path, checkpoint_every: int) -> None:
+    """The output is safely written: the resume state has served its purpose."""
+    if checkpoint_every and context().is_main:
+        state.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def data_file(spec: str, output: Path, clause_map: Path | None, force: bool) -> dict:
+    dataset = load_dataset(spec)
+    groups = dataset.info.get("groups")
+    if clause_map is not None and groups is None:
+        raise FPEError(f"{dataset.name}: has no clause map (only dnf data sets do)", "drop --clause-map")
+    check_writable(output, force=force)
+    doc = {"data": dataset.summary(), "output": str(output), "bytes": write_dataset_npz(dataset, output, force)}
+    if clause_map is not None:
+        doc.update(clause_map=str(clause_map), clause_map_bytes=write_clause_map(groups, clause_map, dataset.num_inputs, force))
+    if not dataset.multilabel:
+        doc["label_counts"] = dataset.y_train.bincount(minlength=dataset.num_classes).tolist()
+    else:
+        doc["positive_rate"] = dataset.y_train.mean(dim=0).tolist()
+    return doc
+
+
+def train_file(data: str, hidden: list[int], activation: str, cfg: TrainConfig, output: Path | None, force: bool,
+               checkpoint_every: int = 0, resume: bool = False, callback: Callback = None) -> dict:
+    dataset = load_dataset(data)
+    output = output or Path(f"{data_stem(data)}_mlp.safetensors")
+    check_writable(output, force=force)
+    state = state_path_for(output)
+    mlp, metrics = train_dense(dataset, hidden, activation=activation, **asdict(cfg), callback=callback,
+                               checkpoint_every=checkpoint_every, state_path=state, resume=resume)
+    settings = {"hidden": hidden, "activation": activation, **asdict(cfg), "world_size": metrics["world_size"]}
+    meta = {"fpe.train.settings": json.dumps(settings, sort_keys=True),
+            "fpe.train.data": json.dumps(_data_record(dataset), sort_keys=True),
+            "fpe.train.metrics": json.dumps({k: metrics[k] for k in ("train", "test")}, sort_keys=True)}
+    size = save_checkpoint(mlp, output, "plain", meta, force=force) if context().is_main else 0
+    _finish(output, state, checkpoint_every)
+    return {"output": str(output), "bytes": size, "widths": mlp.widths, "settings": settings,
+            "data": dataset.summary(), "counts": _counts(mlp), **metrics}
+
+
+def default_finetune_output(model: Path) -> Path:
+    name = model.name[: -len(".safetensors")] if model.name.endswith(".safetensors") else model.stem
+    return model.with_name(f"{name}.ft.safetensors")
+
+
+def finetune_file(model: Path, data: str, cfg: TrainConfig, output: Path | None, force: bool, checkpoint_every: int = 0,
+                  resume: bool = False, callback: Callback = None, layers: list[str] | None = None,
+                  activation: str | None = None) -> dict:
+    ckpt = load_checkpoint(model, layers, activation)
+    check_finite(ckpt.mlp)
+    dataset = load_dataset(data)
+    output = output or default_finetune_output(model)
+    check_writable(output, force=force, inputs=(model,))
+    state = state_path_for(output)
+    tuned, metrics = finetune(ckpt.mlp, dataset, **asdict(cfg), checkpoint_every=checkpoint_every,
+                              state_path=state, resume=resume, callback=callback)
+    settings = {**asdict(cfg), "masks_locked": tuned.has_masks, "world_size": metrics["world_size"]}
+    meta = {"fpe.finetune.settings": json.dumps(settings, sort_keys=True),
+            "fpe.finetune.data": json.dumps(_data_record(dataset), sort_keys=True),
+            "fpe.finetune.metrics": json.dumps({k: metrics[k] for k in ("before", "train", "test")}, sort_keys=True),
+            "fpe.finetune.source_sha256": json.dumps(ckpt.sha256),
+            "fpe.finetune.source_file": json.dumps(model.name)}
+    size = save_checkpoint(tuned, output, ckpt.layout, meta, force=force) if context().is_main else 0
+    _finish(output, state, checkpoint_every)
+    return {"model": str(model), "output": str(output), "layout": ckpt.layout, "bytes": size, "settings": settings,
+            "data": dataset.summary(), "counts": _counts(tuned), "counts_before": _counts(ckpt.mlp), **metrics}
+
+
+def evaluate_files(models: list[Path], data: str, layers: list[str] | None = None, activation: str | None = None) -> dict:
+    dataset = load_dataset(data)
+    rows = []
+    for path in models:
+        ckpt = load_checkpoint(path, layers, activation)
+        check_input_width(dataset, ckpt.mlp.layers[0].in_features, f"{path} ({ckpt.mlp.layers[0].weight_key})")
+        check_output_width(dataset, ckpt.mlp.layers[-1].out_features, f"{path} ({ckpt.mlp.layers[-1].weight_key})")
+        rows.append({"model": str(path), "sha256": ckpt.sha256, "layout": ckpt.layout, "widths": ckpt.mlp.widths,
+                     "expanded": ckpt.mlp.is_expanded, **_counts(ckpt.mlp),
+                     "test": evaluate(ckpt.mlp, dataset, "test"), "train": evaluate(ckpt.mlp, dataset, "train")})
+    return {"data": dataset.summary(), "models": rows}
