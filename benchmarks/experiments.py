@@ -155,7 +155,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         if r["arm"] != "dense":
             groups.setdefault((r["sweep"], r["hidden"], r["clauses"], r["alpha"], r["arm"]), []).append(r)
     cells = []
-    for (sweep, hidden, clauses, alpha, arm), runs in sorted(groups.items(), key=lambda kv: json.dumps(kv[0])):
+    for (sweep, hidden, clauses, alpha, arm), runs in sorted(groups.items(), key=lambda kv: cell_order(*kv[0])):
         pairs = [(r, dense[(sweep, hidden, clauses, r["seed"])]) for r in runs if (sweep, hidden, clauses, r["seed"]) in dense]
         fpe_acc, dense_acc = [p[0]["accuracy"] for p in pairs], [p[1]["accuracy"] for p in pairs]
         (mf, sf), (md, sd) = mean_se(fpe_acc), mean_se(dense_acc)
@@ -169,6 +169,32 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "weights_equal": all(a["weights"] == b["weights"] for a, b in pairs),
         })
     return cells
+
+
+ARM_ORDER = ["random", "structured", "random+g4", "gram", "clause", "activation", "activation+top0.5"]
+
+
+def cell_order(sweep, hidden, clauses, alpha, arm) -> tuple:
+    rank = ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER)
+    return (sweep, hidden or 0, clauses or 0, alpha or 0, rank, arm)
+
+
+def versus_random(rows: list[dict]) -> list[dict]:
+    """Each non-random arm against the random split on the same seeds (paired t-test)."""
+    by = {(r["sweep"], r["hidden"], r["clauses"], r["alpha"], r["arm"], r["seed"]): r["accuracy"] for r in rows}
+    out = []
+    for (sweep, hidden, clauses, alpha, arm) in sorted({k[:5] for k in by if k[4] not in ("dense", "random")},
+                                                       key=lambda k: cell_order(*k)):
+        seeds = sorted(k[5] for k in by if k[:5] == (sweep, hidden, clauses, alpha, arm)
+                       and (sweep, hidden, clauses, alpha, "random", k[5]) in by)
+        a = [by[(sweep, hidden, clauses, alpha, arm, s)] for s in seeds]
+        b = [by[(sweep, hidden, clauses, alpha, "random", s)] for s in seeds]
+        if len(seeds) >= 2:
+            _, p = paired_t_test(a, b)
+            out.append({"sweep": sweep, "hidden": hidden, "clauses": clauses, "alpha": alpha, "arm": arm, "n": len(seeds),
+                        "arm_mean": mean_se(a)[0], "random_mean": mean_se(b)[0], "difference": mean_se(a)[0] - mean_se(b)[0],
+                        "p_value": p})
+    return out
 
 
 def read_runs(root: Path) -> list[dict]:
@@ -194,7 +220,8 @@ def main() -> None:
         return
     from experiments_report import write_report  # noqa: E402 (sibling module)
 
-    write_report(args.root, aggregate(read_runs(args.root)), read_runs(args.root), args.md, args.plots)
+    runs = read_runs(args.root)
+    write_report(args.root, aggregate(runs), runs, versus_random(runs), args.md, args.plots)
 
 
 if __name__ == "__main__":
