@@ -28,6 +28,7 @@ from .plan import LayerPlan, SplitPlan
 from .stfile import read_header, read_safetensors, sha256_file, write_safetensors
 
 LAYOUTS = ("plain", "dense", "packed")
+MAX_PLAN_ALPHA = 32767  # plans store child indices as int16 (and check_alpha refuses more)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -76,6 +77,9 @@ def _unpack_packed(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
             raise FPEError(f"packed weight {key!r} lacks its bitmask or shape tensor")
         if shape.dtype != torch.int64 or tuple(shape.shape) != (2,) or bool((shape < 0).any()):
             raise FPEError(f"packed weight {key!r}: shape tensor must be int64 [out, in], found {shape.tolist()}")
+        if key in out:
+            raise FPEError(f"weight {key!r} is stored both packed and dense; which one is meant is unclear",
+                           "the file is corrupt or was edited; keep one of the two")
         values = out.pop(name)
         out[key], masks[key] = unpack_weight(values, bits, tuple(int(s) for s in shape), key)
     leftovers = [n for n in out if n.startswith((FPE_PREFIX + "bitmask:", FPE_PREFIX + "shape:"))]
@@ -258,8 +262,8 @@ def load_plan(path: Path) -> SplitPlan:
         child = tensors.get(f"plan.child:{key}")
         if child is None or child.ndim != 2 or child.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
             raise FPEError(f"{path}: plan entry {key!r} lacks a 2-D integer child tensor")
-        if not isinstance(alpha, int) or alpha < 2:
-            raise FPEError(f"{path}: plan entry {key!r} has alpha {alpha!r}; expected an integer >= 2")
+        if isinstance(alpha, bool) or not isinstance(alpha, int) or not 2 <= alpha <= MAX_PLAN_ALPHA:
+            raise FPEError(f"{path}: plan entry {key!r} has alpha {alpha!r}; expected an integer in 2..{MAX_PLAN_ALPHA}")
         children = tensors.get(f"plan.children:{key}")
         if children is not None and (children.dtype != torch.int64 or tuple(children.shape) != (child.shape[0],)):
             raise FPEError(f"{path}: plan entry {key!r}: children counts must be int64 ({child.shape[0]},)")

@@ -20,7 +20,9 @@ FPE_PREFIX = "fpe."  # fpe's own tensors (masks, lineage, packed storage) live u
 
 
 def natural_key(name: str) -> list:
-    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
+    # odd positions are the ASCII digit runs; by position, not str.isdigit(), which is also true of
+    # characters int() rejects ('²'): such a tensor name once crashed discovery
+    return [int(tok) if i % 2 else tok for i, tok in enumerate(re.split(r"([0-9]+)", name))]
 
 
 def bias_candidates(weight_key: str) -> list[str]:
@@ -48,9 +50,33 @@ def weight_candidates(tensors: dict[str, torch.Tensor]) -> list[str]:
             f"{odd[0]}: a {tensors[odd[0]].ndim}-D weight {tuple(tensors[odd[0]].shape)}; fpe reads MLPs (2-D linear weights)",
             "convolutional and other layers are not supported; name the MLP's layers with --layers",
         )
+    # 2-D tensors named *weight are candidates whatever their dtype: an integer one is then refused by
+    # name (load_checkpoint) instead of being skipped, which would silently drop a layer of the chain
+    named = [k for k, v in tensors.items() if v.ndim == 2 and k.lower().endswith("weight")]
+    _refuse_flat_weights(tensors, named)
     two_d = [k for k, v in tensors.items() if v.ndim == 2 and v.is_floating_point()]
-    named = [k for k in two_d if k.lower().endswith("weight")]
     return sorted(named or two_d, key=natural_key)
+
+
+def _family(name: str) -> str:
+    return re.sub(r"\d+", "#", name)
+
+
+def _refuse_flat_weights(tensors: dict[str, torch.Tensor], named: list[str]) -> None:
+    """A 0-/1-D tensor named like the chain's weights (`1.weight` beside `0.weight`/`2.weight`), or
+    whose bias has another length, sits where a linear weight is expected: a corrupt file or a layer
+    fpe cannot expand through (a norm). Skipping it would silently change the network."""
+    families = {_family(k) for k in named}
+    for key, t in sorted(tensors.items(), key=lambda kv: natural_key(kv[0])):
+        if t.ndim >= 2 or not key.lower().endswith("weight"):
+            continue
+        bias = next((tensors[b] for b in bias_candidates(key) if b in tensors), None)
+        if named and (_family(key) in families or (bias is not None and tuple(bias.shape) != tuple(t.shape))):
+            raise FPEError(
+                f"{key}: a {t.ndim}-D tensor {tuple(t.shape)} where a 2-D linear weight is expected "
+                f"(beside {', '.join(sorted(named, key=natural_key)[:4])})",
+                "fpe reads MLPs of 2-D linear weights; if the file is intact, name the linear layers with --layers",
+            )
 
 
 def _chains(keys: list[str], tensors: dict[str, torch.Tensor]) -> bool:

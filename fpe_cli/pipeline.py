@@ -105,9 +105,10 @@ def expand_file(opts: ExpandOptions) -> dict:
     targets = select_targets(ckpt.mlp, parse_selection(settings["targets"], settings["ignore"]),
                              alpha, settings["split"], settings["expand_top"])
     output = opts.output or default_output(opts.model, {t.alpha for t in targets})
-    check_writable(output, force=opts.force, inputs=(opts.model,))
+    inputs = input_files(opts)
+    check_writable(output, force=opts.force, inputs=inputs)
     if opts.save_plan:
-        check_writable(opts.save_plan, force=opts.force, inputs=(opts.model, output))
+        check_writable(opts.save_plan, force=opts.force, inputs=inputs + (output,))
     groups = load_clause_map(opts.clause_map, ckpt.mlp.layers[0].in_features) if opts.clause_map else None
     if any(t.split == "clause" for t in targets) and groups is None and opts.plan is None:
         raise FPEError("--split clause needs a clause map", "pass --clause-map clauses.json")
@@ -130,6 +131,12 @@ def expand_file(opts: ExpandOptions) -> dict:
     if opts.save_plan:
         save_plan(result.plan, opts.save_plan, source_sha256=ckpt.sha256, force=opts.force)
     return expand_report(ckpt, result, settings, output, opts, size, drift | {"probe": probe_desc})
+
+
+def input_files(opts: ExpandOptions) -> tuple[Path, ...]:
+    """Every file expand reads: none of them may be an output, even with --force."""
+    data = Path(opts.probe_data) if opts.probe_data and Path(opts.probe_data).is_file() else None
+    return tuple(Path(p) for p in (opts.model, opts.plan, opts.clause_map, opts.recipe, data) if p is not None)
 
 
 def plan_alpha(plan) -> int:

@@ -290,6 +290,8 @@ def validate_layer_plan(plan: LayerPlan, support: torch.Tensor) -> list[str]:
     problems = []
     if plan.alpha < 2:
         problems.append(f"{key}: plan alpha {plan.alpha} < 2")
+    if plan.alpha > child.shape[1]:  # also keeps the (h, alpha) count below bounded by the weight's size
+        return problems + [f"{key}: plan alpha {plan.alpha} is larger than a parent's {child.shape[1]} possible edges"]
     c = child.to(torch.int64)
     if bool(((c < -1) | (c >= plan.alpha)).any()):
         problems.append(f"{key}: plan has child indices outside [-1, {plan.alpha})")

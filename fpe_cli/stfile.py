@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import struct
 import tempfile
 from pathlib import Path
@@ -51,6 +52,31 @@ def check_readable(path: Path) -> None:
         raise FPEError(f"{path}: is a directory, expected a .safetensors file")
 
 
+def _refuse_pickle(path: Path, head: bytes) -> None:
+    """Called once the file failed to parse: a torch.save file (a zip archive, or a bare pickle of
+    protocol 2-5) given a safetensors name gets a message that says what it is and how to convert."""
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and 2 <= head[1] <= 5):
+        raise FPEError(
+            f"{path}: not a safetensors file: it looks like a torch.save / pickle file, which is refused "
+            "(loading it can execute code)",
+            "convert it once in trusted code: safetensors.torch.save_file(torch.load(p, weights_only=True), 'model.safetensors')",
+        )
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """json object hook: a key given twice is ambiguous (json keeps the last, other readers the first)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(dup)
+    return out
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
 def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
     """Parse and validate the header: (tensor entries, metadata, offset of the data section)."""
     check_readable(path)
@@ -61,35 +87,48 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
             raise FPEError(f"{path}: not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or n > size - 8:
+            _refuse_pickle(path, head)
             raise FPEError(f"{path}: not a safetensors file or truncated (header claims {n} bytes, file has {size})")
         raw = fh.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise FPEError(f"{path}: corrupt safetensors header: duplicate key {exc.args[0]!r}") from None
+    # ValueError: e.g. an integer of more than 4300 digits; RecursionError: absurdly deep nesting
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        _refuse_pickle(path, head)
         raise FPEError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise FPEError(f"{path}: not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # null is what safetensors itself accepts for "none"
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise FPEError(f"{path}: __metadata__ must map strings to strings")
     _validate_entries(path, header, size - 8 - n)
     return header, metadata, 8 + n
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _validate_entries(path: Path, header: dict, data_len: int) -> None:
     problems, spans, needed = [], [], 0
     for name, entry in header.items():
+        if not name:
+            problems.append("a tensor has an empty name")
+            continue
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             problems.append(f"{name}: entry lacks dtype/shape/data_offsets")
             continue
         dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             problems.append(f"{name}: unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
             continue
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
             problems.append(f"{name}: bad shape {shape!r}")
             continue
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
             problems.append(f"{name}: bad data_offsets {offs!r}")
             continue
         begin, end = offs
@@ -170,18 +209,31 @@ def atomic_output(path: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync and rename it over `path`, else remove it."""
     path = Path(path)
     check_writable(path, force=force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    # A prefix unique to this call, known before the file exists: an interrupt (SIGTERM/Ctrl-C) that
+    # lands inside mkstemp, after it created the file but before it returned the name, still finds it.
+    prefix = f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}."
     try:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, _output_mode(path))  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        _remove_temps(path.parent, prefix)
         raise
+
+
+def _remove_temps(directory: Path, prefix: str) -> None:
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefix) and entry.name.endswith(".tmp"):
+                    Path(entry.path).unlink(missing_ok=True)
+    except OSError:  # the directory itself went away: nothing left to clean, keep the original error
+        pass
 
 
 def _output_mode(path: Path) -> int:

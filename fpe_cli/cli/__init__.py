@@ -24,13 +24,16 @@ for _name in COMMAND_MODULES:  # importing a module registers its commands on `a
 
 
 def _terminate(signum, frame) -> None:  # noqa: ARG001
-    """SIGTERM unwinds like Ctrl-C, so atomic writes remove their temp files on the way out."""
+    """SIGTERM (and SIGHUP: a closed terminal) unwinds like Ctrl-C, so atomic writes remove their
+    temp files on the way out."""
     raise KeyboardInterrupt
 
 
 def main() -> None:
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _terminate)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # not under nohup
+        signal.signal(signal.SIGHUP, _terminate)
     try:
         code = app(standalone_mode=False)
     except TyperException as exc:  # usage errors: one line instead of Click's boxed panel
