@@ -152,10 +152,10 @@ def write_csv(result: AnalyzeResult, path: Path, force: bool = False) -> int:
     return n
 
 
-def check_outputs(csv_path: Path | None, plots_dir: Path | None, force: bool) -> None:
-    """Refuse before any work: an existing CSV without --force, a plots path that is a file."""
+def check_outputs(csv_path: Path | None, plots_dir: Path | None, force: bool, inputs: tuple = ()) -> None:
+    """Refuse before any work: a CSV path that is an input or exists without --force, a plots path that is a file."""
     if csv_path is not None:
-        check_writable(Path(csv_path), force=force)
+        check_writable(Path(csv_path), force=force, inputs=tuple(Path(p) for p in inputs if p is not None))
     if plots_dir is not None and Path(plots_dir).exists() and not Path(plots_dir).is_dir():
         raise FPEError(f"{plots_dir}: --plots needs a directory, found a file", "name a directory (it is created if missing)")
 

@@ -255,17 +255,48 @@ def save_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, 
     write_safetensors(path, tensors, meta, force=True)
 
 
-def load_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, gen: torch.Generator, fp: str) -> int:
-    """Restore everything `save_state` wrote; returns the number of epochs already done."""
+def load_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, gen: torch.Generator, fp: str,
+               epochs: int | None = None) -> int:
+    """Restore everything `save_state` wrote; returns the number of epochs already done.
+
+    A state that is damaged in any way is an FPEError (exit 2), never a crash or a silent misread.
+    """
+    try:
+        done = _load_state(path, module, optimizer, gen, fp)
+    except FPEError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+        raise FPEError(f"{path}: the resume state is damaged ({type(exc).__name__}: {exc})",
+                       "delete it and run without --resume") from None
+    if not 0 <= done <= (epochs if epochs is not None else done):
+        raise FPEError(f"{path}: the resume state claims {done} epochs done", "delete it and run without --resume")
+    return done
+
+
+def _check_state_tensors(tensors: dict, module: MaskedMLP, optimizer: torch.optim.Optimizer) -> None:
+    for name, param in module.named_parameters():
+        t = tensors[f"model.{name}"]
+        if t.dtype != param.dtype or t.shape != param.shape:
+            raise ValueError(f"model.{name} is {t.dtype} {tuple(t.shape)}, expected {param.dtype} {tuple(param.shape)}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for key, value in tensors.items():
+        if key.startswith("optim.") and value.ndim:
+            index = int(key.split(".")[1])
+            if value.shape != params[index].shape:
+                raise ValueError(f"{key} has shape {tuple(value.shape)}, expected {tuple(params[index].shape)}")
+
+
+def _load_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, gen: torch.Generator, fp: str) -> int:
     if not Path(path).exists():
         raise FPEError(f"{path}: no resume state to continue from", "run without --resume to start from the beginning")
     tensors, meta = read_safetensors(Path(path))
     info = json.loads(meta.get("fpe.resume", "{}")) if meta.get("fpe.kind") == "resume-state" else {}
-    if info.get("version") != STATE_VERSION:
+    if not isinstance(info, dict) or info.get("version") != STATE_VERSION:
         raise FPEError(f"{path}: not an fpe resume state (or from another version)", "delete it and start again")
     if info["fingerprint"] != fp:
         raise FPEError(f"{path}: this resume state belongs to another run (model, data or settings differ)",
                        "rerun with the same model, --data and settings, or without --resume")
+    _check_state_tensors(tensors, module, optimizer)
     with torch.no_grad():
         for name, param in module.named_parameters():
             param.copy_(tensors[f"model.{name}"])
@@ -300,7 +331,7 @@ def _fit(mlp, dataset, cfg, callback, checkpoint_every, state_path, resume, ctx)
     fp = fingerprint(mlp, cfg, dataset.sha256())
     if resume and state_path is None:
         raise FPEError("resume needs the path of a resume state")
-    start = load_state(state_path, module, optimizer, gen, fp) if resume else 0
+    start = load_state(state_path, module, optimizer, gen, fp, cfg.epochs) if resume else 0
     net, x, y = ctx.wrap(module), dataset.x_train.to(ctx.device), dataset.y_train.to(ctx.device)
     loss = float("nan")
     for epoch in range(start, cfg.epochs):

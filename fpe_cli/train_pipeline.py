@@ -51,6 +51,24 @@ def _counts(mlp) -> dict:
     return {k: total[k] for k in ("weights", "nonzero_weights", "biases", "hidden_neurons")}
 
 
+def data_inputs(data: str) -> tuple[Path, ...]:
+    """The data file behind a spec, if it is a file: outputs must never overwrite it."""
+    path = Path(data)
+    return (path,) if path.exists() else ()
+
+
+def check_run_outputs(output: Path, state: Path, inputs: tuple[Path, ...], force: bool, resume: bool) -> None:
+    """Refuse outputs that would overwrite an input: the output itself and the resume state beside it."""
+    check_writable(output, force=force, inputs=inputs)
+    for src in inputs:
+        if src.exists() and state.exists() and state.resolve() == src.resolve():
+            raise FPEError(f"{state}: the resume state of -o {output} would overwrite an input",
+                           "choose another -o path")
+    if state.exists() and not resume and not force:
+        raise FPEError(f"{state}: a resume state of an earlier run exists",
+                       "pass --resume to continue it, or --force to start over")
+
+
 def _finish(output: Path, state: Path, checkpoint_every: int) -> None:
     """The output is safely written: the resume state has served its purpose."""
     if checkpoint_every and context().is_main:
@@ -80,8 +98,8 @@ def train_file(data: str, hidden: list[int], activation: str, cfg: TrainConfig, 
                checkpoint_every: int = 0, resume: bool = False, callback: Callback = None) -> dict:
     dataset = load_dataset(data)
     output = output or Path(f"{data_stem(data)}_mlp.safetensors")
-    check_writable(output, force=force)
     state = state_path_for(output)
+    check_run_outputs(output, state, data_inputs(data), force, resume)
     mlp, metrics = train_dense(dataset, hidden, activation=activation, **asdict(cfg), callback=callback,
                                checkpoint_every=checkpoint_every, state_path=state, resume=resume)
     settings = {"hidden": hidden, "activation": activation, **asdict(cfg), "world_size": metrics["world_size"]}
@@ -106,8 +124,8 @@ def finetune_file(model: Path, data: str, cfg: TrainConfig, output: Path | None,
     check_finite(ckpt.mlp)
     dataset = load_dataset(data)
     output = output or default_finetune_output(model)
-    check_writable(output, force=force, inputs=(model,))
     state = state_path_for(output)
+    check_run_outputs(output, state, (model, *data_inputs(data)), force, resume)
     tuned, metrics = finetune(ckpt.mlp, dataset, **asdict(cfg), checkpoint_every=checkpoint_every,
                               state_path=state, resume=resume, callback=callback)
     settings = {**asdict(cfg), "masks_locked": tuned.has_masks, "world_size": metrics["world_size"]}

@@ -39,7 +39,7 @@ def analyze(
     """
     from .. import plots as plotting  # matplotlib itself is imported only when --plots asks for it
 
-    report.check_outputs(csv, plots, force)
+    report.check_outputs(csv, plots, force, inputs=(model, expanded, Path(data) if data and Path(data).exists() else None))
     plotting.check_plot_targets(plots, force)
     paths = [model] + ([expanded] if expanded is not None else [])
     with report.progress_bar(err_console, sys.stderr.isatty() and not (quiet or json_out)) as bar:
