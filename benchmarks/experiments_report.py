@@ -123,6 +123,9 @@ def markdown(cells: list[dict], runs: list[dict], vs_random: list[dict], pngs: l
            f"{len(runs)} training runs. Accuracy is test accuracy, mean ± standard error over seeds; relative gain = "
            "(acc_FPE - acc_dense) / acc_dense; p = paired t-test over seeds (same data, initialisation and first "
            "training phase in both arms); `*` marks p < 0.05. Fold changes are FPE / dense for the first layer.", ""]
+    discussion = Path(__file__).resolve().parents[1] / "experiments" / "discussion.md"
+    if discussion.exists():  # the hand-written reading of the tables, kept across regenerations
+        out += [discussion.read_text().rstrip(), ""]
     for sweep, vary in (("dnf_neurons", "hidden"), ("dnf_clauses", "clauses"), ("digits", "hidden")):
         if any(c["sweep"] == sweep for c in cells):
             out += [f"## {sweep}", ""] + cell_table(cells, sweep, vary) + [""]
