@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from fpe_cli.expand import Target, expand_mlp
+from fpe_cli.expand import PlanInputs, Target, expand_mlp
 from fpe_cli.layers import FPELinear, masked_dense_linear
 from fpe_cli.model import MLP, Layer
 
@@ -80,7 +80,7 @@ def expanded(d: int, h: int, alpha: int, split: str, group_size: int | None, see
     g = torch.Generator().manual_seed(seed)
     mlp = MLP([Layer("0.weight", torch.randn(h, d, generator=g) / d ** 0.5, "0.bias", torch.zeros(h)),
                Layer("2.weight", torch.randn(d, h, generator=g) / h ** 0.5, "2.bias", torch.zeros(d))])
-    return expand_mlp(mlp, [Target(0, alpha, split)], seed=seed, group_size=group_size).mlp
+    return expand_mlp(mlp, [Target(0, alpha, split)], seed=seed, inputs=PlanInputs(group_size=group_size)).mlp
 
 
 def run(d: int, h: int, batches: list[int], alphas: list[int], repeat: int) -> list[dict]:
