@@ -9,7 +9,7 @@ Both arms see the same total epochs, data and seeds and end with the same number
 of test accuracy over the seeds, relative gain (acc_FPE - acc_dense) / acc_dense, a paired t-test
 p-value, and fold changes (FPE / dense) of the first layer's feature capacity and non-sibling |cos|.
 
-    python benchmarks/experiments.py run experiments/dnf_neurons.yaml --out results/dnf_neurons
+    python benchmarks/experiments.py run experiments/*.yaml --out results --jobs 2   # the full evidence, ~27 min
     python benchmarks/experiments.py run experiments/*.yaml --out results --smoke   # CI: 2 seeds, few epochs
     python benchmarks/experiments.py report results --md docs/results.md --plots docs/img
 
@@ -147,6 +147,24 @@ def run(spec_path: Path, out: Path, smoke: bool) -> None:
             run_trial(spec, hidden, clauses, seed, done, emit)
 
 
+def run_parallel(specs: list[Path], out: Path, smoke: bool, jobs: int) -> None:
+    """One child process per spec, at most `jobs` at a time (each trains on one thread)."""
+    import subprocess
+
+    pending, running = list(specs), []
+    while pending or running:
+        while pending and len(running) < jobs:
+            spec = pending.pop(0)
+            cmd = [sys.executable, __file__, "run", str(spec), "--out", str(out)] + (["--smoke"] if smoke else [])
+            running.append((spec, subprocess.Popen(cmd)))
+        time.sleep(0.5)
+        for spec, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((spec, proc))
+                if proc.returncode:
+                    raise SystemExit(f"{spec}: exited with {proc.returncode}")
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """One cell per (sweep, hidden, clauses, alpha, arm): FPE vs. the dense arm of the same seeds."""
     dense = {(r["sweep"], r["hidden"], r["clauses"], r["seed"]): r for r in rows if r["arm"] == "dense"}
@@ -208,6 +226,7 @@ def main() -> None:
     r.add_argument("specs", nargs="+", type=Path)
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--smoke", action="store_true", help="2 seeds, a few epochs: checks the pipeline, not the numbers")
+    r.add_argument("--jobs", type=int, default=1, help="run this many specs at once, one process each (one per core)")
     rep = sub.add_parser("report", help="aggregate runs into JSON, CSV, markdown and plots")
     rep.add_argument("root", type=Path)
     rep.add_argument("--md", type=Path)
@@ -215,6 +234,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # tiny models: one thread is faster and keeps runs deterministic
     if args.cmd == "run":
+        if args.jobs > 1 and len(args.specs) > 1:
+            run_parallel(args.specs, args.out, args.smoke, args.jobs)
+            return
         for spec in args.specs:
             run(spec, args.out / Path(spec).stem, args.smoke)
         return
