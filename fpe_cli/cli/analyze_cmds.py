@@ -20,7 +20,7 @@ def analyze(
     model: ModelArg,
     expanded: Annotated[Optional[Path], typer.Argument(help="An expansion of MODEL (written by fpe expand): adds fold changes (expanded / dense) through the lineage.", show_default=False)] = None,
     data: Annotated[Optional[str], typer.Option(help="Probe set for data metrics (class selectivity, dead neurons, density): an .npz file or a built-in name (digits, dnf:...); its test split is used.")] = None,
-    samples: Annotated[Optional[int], typer.Option(help="Use only the first N probe samples. [default: all]")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Use only the first N probe samples. \\[default: all]")] = None,
     top: Annotated[int, typer.Option(help="Most polysemantic neurons (and parents) to list per layer.")] = 10,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write one CSV row per neuron to this file.")] = None,
     plots: Annotated[Optional[Path], typer.Option(help="Also write PNG plots (Gram heatmaps, first-layer weights, capacity histograms) into this directory; needs matplotlib.")] = None,

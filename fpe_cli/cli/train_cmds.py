@@ -83,7 +83,7 @@ def train(
     activation: Annotated[str, typer.Option(help="relu, gelu, tanh, sigmoid, silu, leaky_relu or identity.")] = "relu",
     epochs: EpochsOpt = 20, lr: LrOpt = 1e-3, batch_size: BatchOpt = 64, optimizer: OptimOpt = "adam",
     momentum: MomentumOpt = 0.9, weight_decay: DecayOpt = 0.0, seed: SeedOpt = 0,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. [default: <data>_mlp.safetensors]")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. \\[default: <data>_mlp.safetensors]")] = None,
     checkpoint_every: EveryOpt = 0, resume: ResumeOpt = False, force: ForceOpt = False, json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -102,7 +102,7 @@ def train(
 def finetune(
     model: ModelArg, data: DataOpt, epochs: EpochsOpt = 10, lr: LrOpt = 1e-3, batch_size: BatchOpt = 64,
     optimizer: OptimOpt = "adam", momentum: MomentumOpt = 0.9, weight_decay: DecayOpt = 0.0, seed: SeedOpt = 0,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. [default: MODEL.ft.safetensors beside the input]")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. \\[default: MODEL.ft.safetensors beside the input]")] = None,
     checkpoint_every: EveryOpt = 10, resume: ResumeOpt = False, force: ForceOpt = False,
     layers: LayersOpt = None, activation: ActivationOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
