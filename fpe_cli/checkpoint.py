@@ -201,7 +201,11 @@ def packed_values(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The masked entries in row-major order (a free view when every entry exists)."""
     if int(torch.count_nonzero(mask)) == mask.numel():
         return weight.reshape(-1)
-    return weight[mask]
+    # numpy's boolean gather needs no int64 index array (torch's costs 8 bytes per entry);
+    # integer views keep bfloat16, which numpy has no type for, bit-exact
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[weight.element_size()]
+    picked = weight.contiguous().view(as_int).numpy()[mask.numpy()]
+    return torch.from_numpy(picked).view(weight.dtype)
 
 
 def fpe_metadata(mlp: MLP, layout: str, extra: dict[str, str] | None = None) -> dict[str, str]:

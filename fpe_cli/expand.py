@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import hashlib
 
-import numpy as np
 import torch
 
 from .errors import FPEError
@@ -103,18 +102,39 @@ def _row_chunks(layer: Layer):
         yield slice(start, start + rows)
 
 
-def _gather_magnitudes(layers: list[Layer], total: int) -> np.ndarray:
-    """|w| of every existing weight, layer by layer in row-major order, as float32 (exact for every
-    float dtype), written into one preallocated array so no second copy is made."""
-    out = np.empty(total, dtype=np.float32)
-    at = 0
-    for layer in layers:
-        for rows in _row_chunks(layer):
-            mags = layer.weight[rows].abs().to(torch.float32).numpy().reshape(-1)
-            kept = mags[layer.mask[rows].numpy().reshape(-1)]
-            out[at:at + kept.size] = kept
-            at += kept.size
-    return out
+def _magnitude_bits(layer: Layer, rows: slice) -> torch.Tensor:
+    """int32 bit patterns of |w| for the existing weights of some rows, row-major.
+
+    For non-negative floats the IEEE bit pattern orders exactly like the value, so selecting on
+    the bits selects on the magnitudes (float16/bfloat16 convert to float32 exactly).
+    """
+    bits = layer.weight[rows].abs().to(torch.float32).view(torch.int32)
+    return bits[layer.mask[rows]]
+
+
+def _select_threshold(layers: list[Layer], excess: int) -> tuple[float, int]:
+    """The excess-th smallest |w| among existing weights, and how many are strictly smaller.
+
+    A two-pass radix select on the bit patterns (high 16 bits, then low 16 within one bucket): exact,
+    with memory bounded by one row chunk instead of an array of every magnitude.
+    """
+    def histogram(select):
+        hist = torch.zeros(1 << 16, dtype=torch.int64)
+        for layer in layers:
+            for rows in _row_chunks(layer):
+                hist += torch.bincount(select(_magnitude_bits(layer, rows)), minlength=1 << 16)
+        return hist
+
+    high = histogram(lambda b: b >> 16)
+    cum = high.cumsum(0)
+    bucket = int(torch.searchsorted(cum, excess))  # first bucket whose running count reaches excess
+    below = int(cum[bucket - 1]) if bucket else 0
+    low = histogram(lambda b: b[b >> 16 == bucket] & 0xFFFF)
+    cum = low.cumsum(0)
+    rest = int(torch.searchsorted(cum, excess - below))
+    below += int(cum[rest - 1]) if rest else 0
+    threshold = torch.tensor([(bucket << 16) | rest], dtype=torch.int32).view(torch.float32)
+    return float(threshold), below
 
 
 def _prune_layer(layer: Layer, threshold: float, ties_to_prune: int) -> tuple[int, int]:
@@ -139,15 +159,11 @@ def prune_to_budget(layers: list[Layer], budget: int) -> list[int]:
     Ties are broken deterministically: earlier layer first, then row-major position.
     Returns the number pruned per layer. Mutates the layers' masks and weights in place.
     """
-    total = sum(int(torch.count_nonzero(layer.mask)) for layer in layers)
-    excess = total - budget
+    excess = sum(int(torch.count_nonzero(layer.mask)) for layer in layers) - budget
     if excess <= 0:
         return [0] * len(layers)
-    mags = _gather_magnitudes(layers, total)  # (total,)
-    mags.partition(excess - 1)  # in place: mags[excess - 1] is now the excess-th smallest magnitude
-    threshold = float(mags[excess - 1])
-    ties_to_prune = excess - int(np.count_nonzero(mags < threshold))
-    del mags
+    threshold, below = _select_threshold(layers, excess)
+    ties_to_prune = excess - below
     pruned = []
     for layer in layers:
         count, ties_to_prune = _prune_layer(layer, threshold, ties_to_prune)

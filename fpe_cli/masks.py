@@ -14,7 +14,7 @@ from .errors import FPEError
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """bool (rows, cols) -> uint8 (rows, ceil(cols/8))."""
-    bits = np.packbits(mask.numpy().astype(np.bool_), axis=-1, bitorder="little")
+    bits = np.packbits(mask.numpy(), axis=-1, bitorder="little")  # bool input: no copy
     return torch.from_numpy(bits)
 
 
