@@ -127,13 +127,21 @@ def _attach_masks_and_lineage(layers: list[Layer], tensors: dict[str, torch.Tens
         raise FPEError("; ".join(problems))
 
 
+def normalize_activation(text: str) -> str:
+    """'ReLU', 'nn.GELU', 'torch.nn.SiLU()', 'LeakyReLU' -> fpe's names ('relu', 'gelu', 'silu', 'leaky_relu')."""
+    name = text.strip().strip('"').split(".")[-1].removesuffix("()")
+    name = {"leakyrelu": "leaky_relu", "swish": "silu", "linear": "identity", "none": "identity"}.get(name.lower(), name)
+    return name.lower()
+
+
 def _resolve_activation(metadata: dict[str, str], flag: str | None) -> tuple[str, str]:
     if flag:
-        activation_fn(flag)
-        return flag, "flag"
+        name = normalize_activation(flag)
+        activation_fn(name)
+        return name, "flag"
     for key in ("fpe.activation", "activation"):
         if key in metadata:
-            name = metadata[key].strip('"').lower()
+            name = normalize_activation(metadata[key])
             activation_fn(name)
             return name, "metadata"
     return "relu", "default"

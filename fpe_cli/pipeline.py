@@ -186,6 +186,8 @@ def expand_report(ckpt: Checkpoint, result: ExpandResult, settings: dict, output
         "budget": result.budget, "weights_after": total, "budget_holds": total == result.budget,
         "layers": layers, "drift": drift, "settings": {k: v for k, v in settings.items() if k not in ("targets",)},
         "plan_saved_to": str(opts.save_plan) if opts.save_plan else None,
+        "dropped_tensors": ckpt.unused,  # in the input but not part of the MLP chain: not written
+        "activation_source": ckpt.activation_source,
     }
 
 

@@ -34,6 +34,10 @@ def render_expand(doc: dict, console: Console) -> None:
     agree = "n/a" if agree is None or agree != agree else f"{agree:.1%}"  # None (JSON) or NaN: one output
     console.print(f"function drift on {d['probe']}: relative L2 {d['relative_l2']:.3f}, "
                   f"argmax agreement {agree}. FPE changes the function: fine-tune before use (fpe finetune).")
+    if doc.get("dropped_tensors"):
+        console.print(f"[yellow]note:[/] not part of the MLP chain, so not written: {', '.join(doc['dropped_tensors'])}")
+    if doc.get("activation_source") == "default":
+        console.print("[yellow]note:[/] the file records no activation; relu assumed (set --activation)")
     console.print(f"wrote {doc['output']} ({doc['layout']} layout, {doc['output_bytes']:,} bytes; "
                   f"input {doc['input_bytes']:,} bytes)" + (f"; plan {doc['plan_saved_to']}" if doc["plan_saved_to"] else ""))
 
