@@ -318,3 +318,30 @@ def test_output_gets_ordinary_permissions(tmp_path):
         assert res.exit_code == 0 and out.stat().st_mode & 0o777 == 0o640  # an overwritten file keeps its mode
     finally:
         os.umask(umask)
+
+
+def test_activation_names_as_people_write_them():
+    from fpe_cli.checkpoint import normalize_activation
+
+    cases = {"ReLU": "relu", "nn.GELU": "gelu", "torch.nn.SiLU()": "silu", "LeakyReLU": "leaky_relu", "tanh": "tanh",
+             '"relu"': "relu", "Identity": "identity"}
+    assert {k: normalize_activation(k) for k in cases} == cases
+
+
+def test_expand_reports_tensors_it_does_not_carry(tmp_path):
+    import json as _json
+
+    from safetensors.torch import save_file as _save
+    from conftest import run_cli
+
+    class WithNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.bn1, self.fc2 = torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)
+
+    _save(WithNorm().state_dict(), str(tmp_path / "m.safetensors"), metadata={"activation": "nn.ReLU"})
+    res = run_cli(["expand", tmp_path / "m.safetensors", "--alpha", "2", "--json"])
+    assert res.exit_code == 0, res.stderr
+    doc = _json.loads(res.stdout)
+    assert "bn1.running_mean" in doc["dropped_tensors"] and doc["activation_source"] == "metadata"
+    assert "0.weight" not in doc["dropped_tensors"] and "fc1.weight" not in doc["dropped_tensors"]
