@@ -19,7 +19,7 @@ import time
 import torch
 
 from fpe_cli.data import from_arrays, load_dataset
-from fpe_cli.expand import Target, expand_mlp
+from fpe_cli.expand import PlanInputs, Target, expand_mlp
 from fpe_cli.train import finetune, init_mlp, thread_policy
 
 
@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for models of 1M+ weights "
                     "(smaller ones always train on one thread: fpe_cli.train.thread_policy)")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="also time --group-size expansions (FPELinear's grouped kernel in fine-tuning)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -64,6 +66,11 @@ def main() -> None:
     models = {"dense": dense}
     for alpha in args.alphas:
         models[f"alpha {alpha}"] = expand_mlp(dense, [Target(0, alpha, "random")], seed=0).mlp
+        if args.group_size:
+            grouped = expand_mlp(dense, [Target(0, alpha, "random")], seed=0,
+                                 inputs=PlanInputs(group_size=args.group_size)).mlp
+            grouped.metadata["fpe.settings"] = json.dumps({"group_size": args.group_size})  # as fpe expand records it
+            models[f"alpha {alpha} g{args.group_size}"] = grouped
     finetune(dense, ds, epochs=1, batch_size=args.batch_size)  # warm-up: imports, allocator, thread pool
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.repeat):

@@ -45,6 +45,45 @@ def group_layout(mask: torch.Tensor, alpha: int, group_size: int) -> torch.Tenso
     return idx
 
 
+def to_blocks(weight: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) weight and mask -> compact (groups, alpha, G, m) blocks for the grouped kernel."""
+    n_groups, alpha, m = idx.shape
+    group = weight.shape[0] // (n_groups * alpha)
+    gather = idx.clamp(min=0).unsqueeze(2).expand(n_groups, alpha, group, m)  # (groups, alpha, G, m)
+    valid = (idx >= 0).unsqueeze(2).expand_as(gather)
+    block_mask = torch.gather(mask.view(n_groups, group, alpha, -1).transpose(1, 2), 3, gather) & valid
+    block = torch.gather(weight.view(n_groups, group, alpha, -1).transpose(1, 2), 3, gather)
+    return block.masked_fill(~block_mask, 0).contiguous(), block_mask.contiguous()
+
+
+def grouped_linear(x: torch.Tensor, block: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (N, in) through (groups, alpha, G, m) blocks -> (N, alpha*h), rows in (parent, child) order."""
+    n_groups, alpha, group, m = block.shape
+    xg = x[:, index.clamp(min=0).view(-1)].view(x.shape[0], n_groups * alpha, m).transpose(0, 1)  # (groups*alpha, N, m)
+    out = torch.bmm(xg, block.view(n_groups * alpha, group, m).transpose(1, 2))  # (groups*alpha, N, G)
+    out = out.view(n_groups, alpha, -1, group).permute(2, 0, 3, 1).reshape(x.shape[0], -1)  # (N, alpha*h)
+    return out + bias if bias is not None else out
+
+
+def from_blocks(block: torch.Tensor, block_mask: torch.Tensor, idx: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Compact blocks -> the (out, in) weight with exact zeros off the mask."""
+    n_groups, alpha, group, m = block.shape
+    out = torch.zeros(n_groups, alpha, group, in_features + 1, dtype=block.dtype)  # +1: a sink for padding
+    target = torch.where(idx >= 0, idx, in_features).unsqueeze(2).expand(n_groups, alpha, group, m)
+    out.scatter_(3, target, block.masked_fill(~block_mask, 0))
+    return out[..., :-1].transpose(1, 2).reshape(n_groups * group * alpha, in_features)
+
+
+def layer_group_index(mask: torch.Tensor, parents: torch.Tensor | None, group_size: int | None) -> torch.Tensor | None:
+    """The grouped layout of an expanded layer whose parents all have the same number of children."""
+    if parents is None or not group_size or mask is None:
+        return None
+    counts = torch.bincount(parents)
+    if counts.numel() == 0 or bool((counts != counts[0]).any()) or int(counts[0]) < 2:
+        return None
+    return group_layout(mask, int(counts[0]), group_size)
+
+
 class FPELinear(nn.Module):
     """A linear layer with a frozen mask. `kernel`: 'dense', 'grouped' or 'auto' (grouped when possible)."""
 
@@ -65,27 +104,16 @@ class FPELinear(nn.Module):
         self.weight.register_hook(lambda g: g * self.mask.to(g.dtype))
 
     def _init_grouped(self, weight, mask, idx, alpha, group_size) -> None:
-        n_groups, _, m = idx.shape
         self.alpha, self.group_size = alpha, group_size
-        self.register_buffer("index", idx.clamp(min=0))  # (groups, alpha, m); padding reads input 0
-        self.register_buffer("slot_valid", idx >= 0)  # (groups, alpha, m): False for padding slots
-        rows = weight.view(n_groups, group_size, alpha, -1).transpose(1, 2)  # (groups, alpha, G, d)
-        gather = self.index.unsqueeze(2).expand(n_groups, alpha, group_size, m)  # (groups, alpha, G, m)
-        valid = (idx >= 0).unsqueeze(2).expand_as(gather)
-        block_mask = torch.gather(mask.view(n_groups, group_size, alpha, -1).transpose(1, 2), 3, gather) & valid
-        block = torch.gather(rows, 3, gather).masked_fill(~block_mask, 0)  # (groups, alpha, G, m)
-        self.register_buffer("mask", block_mask.contiguous())
-        self.weight = nn.Parameter(block.contiguous())
+        self.register_buffer("index", idx)  # (groups, alpha, m) input of each slot; -1 = padding
+        block, block_mask = to_blocks(weight, mask, idx)
+        self.register_buffer("mask", block_mask)
+        self.weight = nn.Parameter(block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "dense":
             return F.linear(x, self.weight, self.bias)
-        n_groups, alpha, group, m = self.weight.shape
-        xg = x[:, self.index.view(-1)].view(x.shape[0], n_groups * alpha, m).transpose(0, 1)  # (groups*alpha, N, m)
-        w = self.weight.view(n_groups * alpha, group, m).transpose(1, 2)  # (groups*alpha, m, G)
-        out = torch.bmm(xg, w)  # (groups*alpha, N, G)
-        out = out.view(n_groups, alpha, -1, group).permute(2, 0, 3, 1).reshape(x.shape[0], -1)  # (N, alpha*h) rows (i, c)
-        return out + self.bias if self.bias is not None else out
+        return grouped_linear(x, self.weight, self.index, self.bias)
 
     @torch.no_grad()
     def enforce_mask(self) -> None:
@@ -97,8 +125,4 @@ class FPELinear(nn.Module):
         """The (out, in) weight with exact zeros off the mask, whatever the kernel."""
         if self.kernel == "dense":
             return self.weight.detach().clone()
-        n_groups, alpha, group, m = self.weight.shape
-        out = torch.zeros(n_groups, alpha, group, self.in_features + 1, dtype=self.weight.dtype)  # +1: padding sink
-        target = torch.where(self.slot_valid, self.index, self.in_features)  # (groups, alpha, m)
-        out.scatter_(3, target.unsqueeze(2).expand(n_groups, alpha, group, m), self.weight.masked_fill(~self.mask, 0))
-        return out[..., :-1].transpose(1, 2).reshape(self.out_features, self.in_features)
+        return from_blocks(self.weight.detach(), self.mask, self.index, self.in_features)

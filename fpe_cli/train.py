@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from .data import Dataset, check_input_width, check_output_width
 from .distributed import DistContext, context
 from .errors import FPEError, VerificationError
+from .layers import from_blocks, grouped_linear, layer_group_index, to_blocks
 from .model import MLP, Layer, activation_fn, forward
 from .stfile import read_safetensors, write_safetensors
 from .verify import check_off_mask_zero
@@ -78,13 +79,20 @@ class MaskedMLP(nn.Module):
         super().__init__()
         self.activation = mlp.activation
         activation_fn(mlp.activation)
-        self.weights = nn.ParameterList([nn.Parameter(_as_f32(layer.weight, layer.mask)) for layer in mlp.layers])
+        group_size = _group_size(mlp)
+        # grouped layers (splits shared within parent groups) train as compact blocks: FPELinear's kernel
+        self.index = [layer_group_index(layer.mask, layer.parents, group_size) for layer in mlp.layers]
+        blocks = [to_blocks(layer.weight.to(torch.float32), layer.mask, idx) if idx is not None else (None, None)
+                  for layer, idx in zip(mlp.layers, self.index)]
+        self.weights = nn.ParameterList([nn.Parameter(_as_f32(layer.weight, layer.mask) if b is None else b)
+                                         for layer, (b, _) in zip(mlp.layers, blocks)])
         self.biases = nn.ParameterList([nn.Parameter(_as_f32(layer.bias)) for layer in mlp.layers if layer.bias is not None])
         self.bias_of = [sum(l.bias is not None for l in mlp.layers[:i]) if layer.bias is not None else -1
                         for i, layer in enumerate(mlp.layers)]
-        for i, layer in enumerate(mlp.layers):
-            self.register_buffer(f"mask{i}", layer.mask.clone() if layer.mask is not None else None)
-            self.register_buffer(f"off{i}", ~layer.mask if layer.mask is not None else None, persistent=False)
+        for i, (layer, (_, block_mask)) in enumerate(zip(mlp.layers, blocks)):
+            mask = block_mask if block_mask is not None else layer.mask
+            self.register_buffer(f"mask{i}", mask.clone() if mask is not None else None)
+            self.register_buffer(f"off{i}", ~mask if mask is not None else None, persistent=False)
 
     def masks(self) -> list[torch.Tensor | None]:
         return [getattr(self, f"mask{i}") for i in range(len(self.weights))]
@@ -97,7 +105,7 @@ class MaskedMLP(nn.Module):
         act, last = activation_fn(self.activation), len(self.weights) - 1
         for i, w in enumerate(self.weights):
             b = self.biases[self.bias_of[i]] if self.bias_of[i] >= 0 else None
-            x = F.linear(x, w, b)  # (N, out_i)
+            x = F.linear(x, w, b) if self.index[i] is None else grouped_linear(x, w, self.index[i], b)  # (N, out_i)
             x = act(x) if i < last else x
         return x
 
@@ -105,10 +113,22 @@ class MaskedMLP(nn.Module):
         """The template's layers (keys, masks, lineage, dtypes) with this module's values."""
         out = template.copy()
         for i, layer in enumerate(out.layers):
-            layer.weight = self.weights[i].detach().cpu().to(template.layers[i].weight.dtype).clone()
+            w = self.weights[i].detach().cpu()
+            if self.index[i] is not None:
+                w = from_blocks(w, getattr(self, f"mask{i}").cpu(), self.index[i], layer.in_features)
+            layer.weight = w.to(template.layers[i].weight.dtype).clone()
             if layer.bias is not None:
                 layer.bias = self.biases[self.bias_of[i]].detach().cpu().to(template.layers[i].bias.dtype).clone()
         return out
+
+
+def _group_size(mlp: MLP) -> int | None:
+    """The --group-size an expanded checkpoint was made with (recorded in fpe.settings), if any."""
+    try:
+        value = json.loads(mlp.metadata.get("fpe.settings", "{}")).get("group_size")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def _as_f32(t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -93,3 +93,32 @@ def test_group_layout_detects_shared_splits_only():
     assert group_layout(per_edge.layers[0].mask, 4, 16) is None  # the paper's per-edge random split
     with pytest.raises(ValueError):
         FPELinear(per_edge.layers[0].weight, None, per_edge.layers[0].mask, alpha=4, group_size=16, kernel="grouped")
+
+
+def test_finetune_uses_the_grouped_kernel_and_matches_the_dense_kernel():
+    """A --group-size expansion trains as compact blocks and lands where the dense kernel does."""
+    import json
+
+    from fpe_cli.data import from_arrays
+    from fpe_cli.expand import PlanInputs
+    from fpe_cli.train import TrainConfig, build_module, fit
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 12, generator=g)
+    y = (x[:, :3].sum(1) > 0).long()
+    data = from_arrays("toy", {"x_train": x[:64].numpy(), "y_train": y[:64].numpy(),
+                               "x_test": x[64:].numpy(), "y_test": y[64:].numpy()}, 2)
+    dense = MLP([Layer("0.weight", torch.randn(8, 12, generator=g), "0.bias", torch.zeros(8)),
+                 Layer("2.weight", torch.randn(2, 8, generator=g), "2.bias", torch.zeros(2))])
+    expanded = expand_mlp(dense, [Target(0, 2)], seed=0, inputs=PlanInputs(group_size=4)).mlp
+    expanded.metadata["fpe.settings"] = json.dumps({"group_size": 4})
+    assert build_module(expanded).index[0] is not None  # the grouped kernel is in use
+    cfg = TrainConfig(epochs=3, lr=1e-2, batch_size=16, optimizer="adam", seed=0)
+    grouped, _ = fit(expanded, data, cfg)
+    plain = expanded.copy()
+    plain.metadata = {}
+    assert build_module(plain).index[0] is None
+    reference, _ = fit(plain, data, cfg)
+    for a, b in zip(grouped.layers, reference.layers):
+        torch.testing.assert_close(a.weight, b.weight, atol=1e-5, rtol=1e-4)
+        assert not a.weight[~a.mask].any()
