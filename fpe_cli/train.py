@@ -31,7 +31,7 @@ from .data import Dataset, check_input_width, check_output_width
 from .distributed import DistContext, context
 from .errors import FPEError, VerificationError
 from .layers import from_blocks, grouped_linear, layer_group_index, to_blocks
-from .model import MLP, Layer, activation_fn, forward
+from .model import MLP, Layer, activation_fn
 from .stfile import read_safetensors, write_safetensors
 from .verify import check_off_mask_zero
 
@@ -232,8 +232,10 @@ def evaluate(mlp: MLP, dataset: Dataset, split: str = "test", chunk: int = 8192)
 
 def _evaluate(mlp: MLP, dataset: Dataset, x: torch.Tensor, y: torch.Tensor, chunk: int) -> dict:
     loss, correct, label_hits = 0.0, 0, torch.zeros(dataset.num_outputs, dtype=torch.float64)
+    module = build_module(mlp, lock=False)  # FPELinear's kernels (grouped where the split allows), masks applied
     for start in range(0, len(x), chunk):
-        logits, yb = forward(mlp, x[start:start + chunk]), y[start:start + chunk]  # (n, C)
+        with torch.no_grad():
+            logits, yb = module(x[start:start + chunk].to(torch.float32)), y[start:start + chunk]  # (n, C)
         loss += float(batch_loss(logits, yb, dataset.multilabel))
         correct += int(_correct(logits, yb, dataset.multilabel).sum())
         if dataset.multilabel:
