@@ -1,0 +1,105 @@
+"""Resume states of training runs: weights, optimizer state, RNG states and the epoch, in safetensors.
+
+Written atomically every `checkpoint_every` epochs (never pickled); `load_state` restores them so a
+resumed run reaches bit-identical final weights, and refuses a damaged or foreign state (exit 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import FPEError
+from .model import MLP
+from .stfile import read_safetensors, write_safetensors
+
+if TYPE_CHECKING:  # type hints only: train.py imports this module
+    from .train import MaskedMLP, TrainConfig
+
+STATE_VERSION = 1
+
+
+def fingerprint(mlp: MLP, cfg: TrainConfig, data_sha: str) -> str:
+    """What a resume state must match: the starting weights and masks, the settings, the data."""
+    digest = hashlib.sha256(json.dumps([asdict(cfg), data_sha, mlp.activation]).encode())
+    for layer in mlp.layers:
+        for t in (layer.weight, layer.bias, layer.mask):
+            if t is not None:
+                digest.update(f"{t.dtype}{tuple(t.shape)}".encode() + t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, gen: torch.Generator,
+               epoch: int, fp: str) -> None:
+    tensors = {f"model.{k}": v.detach().cpu() for k, v in module.named_parameters()}
+    tensors.update({"rng.shuffle": gen.get_state(), "rng.torch": torch.get_rng_state()})
+    scalars = {}
+    for index, entry in optimizer.state_dict()["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{name}"] = value.detach().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    meta = {"fpe.kind": "resume-state", "fpe.resume": json.dumps(
+        {"version": STATE_VERSION, "epoch": epoch, "fingerprint": fp, "optim_scalars": scalars}, sort_keys=True)}
+    write_safetensors(path, tensors, meta, force=True)
+
+
+def load_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, gen: torch.Generator, fp: str,
+               epochs: int | None = None) -> int:
+    """Restore everything `save_state` wrote; returns the number of epochs already done.
+
+    A state that is damaged in any way is an FPEError (exit 2), never a crash or a silent misread.
+    """
+    try:
+        done = _load_state(path, module, optimizer, gen, fp)
+    except FPEError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+        raise FPEError(f"{path}: the resume state is damaged ({type(exc).__name__}: {exc})",
+                       "delete it and run without --resume") from None
+    if not 0 <= done <= (epochs if epochs is not None else done):
+        raise FPEError(f"{path}: the resume state claims {done} epochs done", "delete it and run without --resume")
+    return done
+
+
+def _check_state_tensors(tensors: dict, module: MaskedMLP, optimizer: torch.optim.Optimizer) -> None:
+    for name, param in module.named_parameters():
+        t = tensors[f"model.{name}"]
+        if t.dtype != param.dtype or t.shape != param.shape:
+            raise ValueError(f"model.{name} is {t.dtype} {tuple(t.shape)}, expected {param.dtype} {tuple(param.shape)}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for key, value in tensors.items():
+        if key.startswith("optim.") and value.ndim:
+            index = int(key.split(".")[1])
+            if value.shape != params[index].shape:
+                raise ValueError(f"{key} has shape {tuple(value.shape)}, expected {tuple(params[index].shape)}")
+
+
+def _load_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, gen: torch.Generator, fp: str) -> int:
+    if not Path(path).exists():
+        raise FPEError(f"{path}: no resume state to continue from", "run without --resume to start from the beginning")
+    tensors, meta = read_safetensors(Path(path))
+    info = json.loads(meta.get("fpe.resume", "{}")) if meta.get("fpe.kind") == "resume-state" else {}
+    if not isinstance(info, dict) or info.get("version") != STATE_VERSION:
+        raise FPEError(f"{path}: not an fpe resume state (or from another version)", "delete it and start again")
+    if info["fingerprint"] != fp:
+        raise FPEError(f"{path}: this resume state belongs to another run (model, data or settings differ)",
+                       "rerun with the same model, --data and settings, or without --resume")
+    _check_state_tensors(tensors, module, optimizer)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            param.copy_(tensors[f"model.{name}"])
+    state: dict = {}
+    for key, value in [(k[len("optim."):], v) for k, v in tensors.items() if k.startswith("optim.")] + list(info["optim_scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    gen.set_state(tensors["rng.shuffle"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(info["epoch"])
