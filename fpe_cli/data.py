@@ -84,7 +84,8 @@ def _labels_problems(key: str, y: np.ndarray, n: int) -> list[str]:
     elif y.ndim == 1 and y.size and y.min() < 0:
         problems.append(f"{key}: label {int(y.min())} out of range (labels are class ids 0..C-1)")
     elif y.ndim == 2 and not np.isin(y, (0, 1)).all():
-        problems.append(f"{key}: multi-label targets must be 0 or 1, found other values")
+        hint = " (class ids must be shaped (N,): use y.ravel())" if y.ndim == 2 and y.shape[1] == 1 else ""
+        problems.append(f"{key}: multi-label targets must be 0 or 1, found other values{hint}")
     return problems
 
 

@@ -83,11 +83,17 @@ def _chains(keys: list[str], tensors: dict[str, torch.Tensor]) -> bool:
     return all(tensors[a].shape[0] == tensors[b].shape[1] for a, b in zip(keys, keys[1:]))
 
 
+def numbered(keys: list[str]) -> bool:
+    """Names that differ only in their numbers (`0.weight`/`2.weight`, `fc1`/`fc2`, `layers.N`):
+    their natural order is the author's order. Words (`input_layer`, `hidden_layer`) carry none."""
+    return len({re.sub(r"\d+", "#", k) for k in keys}) == 1 and all(re.search(r"\d", k) for k in keys)
+
+
 def order_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Natural order if it chains; else the unique order that chains; else an error."""
-    if _chains(keys, tensors):
+    """Numbered names in natural order if they chain; else the unique order that chains; else an error."""
+    if _chains(keys, tensors) and (len(keys) == 1 or numbered(keys)):
         return keys
-    transposed = all(tensors[a].shape[1] == tensors[b].shape[0] for a, b in zip(keys, keys[1:]))
+    transposed = not _chains(keys, tensors) and all(tensors[a].shape[1] == tensors[b].shape[0] for a, b in zip(keys, keys[1:]))
     if transposed:
         raise FPEError(
             f"weights look stored as (in, out): {_describe({k: tensors[k] for k in keys})}",
@@ -104,8 +110,9 @@ def order_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:
             f"outputs): {_describe({k: tensors[k] for k in keys})}",
             "check the checkpoint, or name the chain's weights in order with --layers",
         )
+    several = f" ({len(found)} orders fit the shapes)" if len(found) > 1 else ""
     raise FPEError(
-        f"cannot tell the layer order from names and shapes: {_describe({k: tensors[k] for k in keys})}",
+        f"cannot tell the layer order from names and shapes{several}: {_describe({k: tensors[k] for k in keys})}",
         "name the weights in order, e.g. --layers fc1.weight,fc2.weight",
     )
 

@@ -60,7 +60,7 @@ def _resolve_settings(opts: ExpandOptions) -> dict:
     def pick(flag, key, default):
         return flag if flag is not None else recipe.get(key, default)
 
-    return {
+    settings = {
         "alpha": pick(opts.alpha, "alpha", None),
         "split": pick(opts.split, "split", "random"),
         "seed": pick(opts.seed, "seed", None),  # None: the applied plan's seed, else 0 (expand_file)
@@ -71,6 +71,32 @@ def _resolve_settings(opts: ExpandOptions) -> dict:
         "targets": opts.targets or recipe.get("targets") or [],
         "ignore": opts.ignore or recipe.get("ignore") or [],
     }
+    check_settings(settings, opts)
+    return settings
+
+
+def _int_or_none(settings: dict, key: str, low: int, high: int = 2**63 - 1) -> None:
+    value = settings[key]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+        raise FPEError(f"{key.replace('_', '-')} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def check_settings(settings: dict, opts: ExpandOptions) -> None:
+    """Types and ranges of every setting (flags or recipe), and flags that would be silently unused."""
+    _int_or_none(settings, "seed", 0)
+    _int_or_none(settings, "clusters", 1)
+    _int_or_none(settings, "group_size", 1)
+    for key in ("split", "outgoing"):
+        if not isinstance(settings[key], str):
+            raise FPEError(f"{key} must be a name, got {settings[key]!r}")
+    top = settings["expand_top"]
+    if top is not None and (isinstance(top, bool) or not isinstance(top, (int, float)) or top <= 0
+                            or (top >= 1 and top != int(top))):
+        raise FPEError(f"expand-top must be a neuron count (1, 2, ...) or a fraction in (0, 1), got {top!r}")
+    if settings["group_size"] is not None and settings["split"] != "random":
+        raise FPEError(f"--group-size applies to --split random, not {settings['split']}")
+    if opts.clause_map is not None and settings["split"] != "clause" and opts.recipe is None:
+        raise FPEError(f"--clause-map is only used by --split clause (the split is {settings['split']})")
 
 
 def _load_data(ckpt: Checkpoint, data: str):
@@ -203,7 +229,8 @@ def recorded_budget(metadata: dict[str, str]) -> int | None:
 def verify_file(model: Path, source: Path | None = None, layers=None, activation=None) -> dict:
     """Check every invariant; raises VerificationError (exit 3) listing the violations."""
     ckpt = load_checkpoint(model, layers, activation)
-    src = load_checkpoint(source, None, activation) if source else None
+    # the source is read with the expanded file's chain, so names that needed --layers work for both
+    src = load_checkpoint(source, [layer.weight_key for layer in ckpt.mlp.layers], activation) if source else None
     problems = check_invariants(ckpt.mlp, recorded_budget(ckpt.metadata), src.mlp if src else None,
                                 src.sha256 if src else None, ckpt.metadata.get("fpe.source_sha256"))
     if problems:

@@ -94,6 +94,9 @@ def select_targets(mlp: MLP, selection: Selection, alpha: int | None, split: str
     for entry in selection.targets:
         if not any(pattern_matches(entry["match"], names) for _, names in hidden):
             raise FPEError(f"target {entry['match']!r} matches no hidden layer", f"hidden layers: {hidden_names}")
+    for pattern in selection.ignore:
+        if not any(pattern_matches(pattern, names) for _, names in hidden):
+            raise FPEError(f"ignore {pattern!r} matches no hidden layer", f"hidden layers: {hidden_names}")
     chosen = []
     for i, names in hidden:
         if any(pattern_matches(p, names) for p in selection.ignore):
@@ -128,7 +131,7 @@ def load_clause_map(path: Path, num_inputs: int) -> torch.Tensor:
     """
     data = read_yaml_or_json(path, "clause map")
     groups = torch.full((num_inputs,), -1, dtype=torch.int64)
-    pairs = _clause_pairs(data, path)
+    pairs = _clause_pairs(data, path, num_inputs)
     problems = []
     for inp, grp in pairs:
         if not 0 <= inp < num_inputs:
@@ -144,7 +147,7 @@ def load_clause_map(path: Path, num_inputs: int) -> torch.Tensor:
     return groups
 
 
-def _clause_pairs(data, path: Path) -> list[tuple[int, int]]:
+def _clause_pairs(data, path: Path, num_inputs: int) -> list[tuple[int, int]]:
     def as_int(v):
         if isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, str) and not v.lstrip("-").isdigit()):
             raise FPEError(f"{path}: clause map entries must be integers, found {v!r}")
@@ -155,6 +158,9 @@ def _clause_pairs(data, path: Path) -> list[tuple[int, int]]:
             raise FPEError(f"{path}: 'groups' must be a list of lists of input indices")
         return [(as_int(i), g) for g, members in enumerate(data["groups"]) for i in members]
     if isinstance(data, list):
+        if len(data) != num_inputs:
+            raise FPEError(f"{path}: the clause map lists {len(data)} inputs but the layer has {num_inputs}",
+                           "give one group id per input (-1 or null for none)")
         return [(i, as_int(g)) for i, g in enumerate(data) if g is not None and as_int(g) >= 0]
     if isinstance(data, dict):
         return [(as_int(k), as_int(v)) for k, v in data.items() if v is not None and as_int(v) >= 0]

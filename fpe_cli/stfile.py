@@ -254,9 +254,9 @@ def check_writable(path: Path, *, force: bool = False, inputs: tuple[Path, ...] 
         raise FPEError(f"{path.parent}: output directory does not exist", "create it first (mkdir -p)")
     for src in inputs:
         if path.exists() and src.exists() and os.path.samefile(path, src):
-            raise FPEError(f"{path}: output path is the input file", "choose another -o path")
+            raise FPEError(f"{path}: output path is the input file", "choose another output path")
         if path.resolve() == Path(src).resolve():
-            raise FPEError(f"{path}: output path is the input file", "choose another -o path")
+            raise FPEError(f"{path}: output path is the input file", "choose another output path")
     if path.is_symlink():
         raise FPEError(f"{path}: output path is a symbolic link; refusing to write through it", "choose a plain path")
     if path.exists() and not force:

@@ -31,7 +31,7 @@ from .errors import FPEError, VerificationError
 from .layers import from_blocks, grouped_linear, layer_group_index, to_blocks
 from .model import MLP, Layer, activation_fn
 from .resume import STATE_VERSION, fingerprint, load_state, save_state  # noqa: F401 (re-exported)
-from .verify import check_off_mask_zero
+from .verify import check_finite_values, check_off_mask_zero
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SINGLE_THREAD_BELOW = 1_000_000  # parameters: smaller models train on one thread (see `thread_policy`)
@@ -159,8 +159,10 @@ def zero_masked_state(optimizer: torch.optim.Optimizer, module: MaskedMLP) -> No
 
 
 def assert_masks_hold(mlp: MLP) -> None:
-    """Step 4: raise VerificationError (exit 3) if any off-mask weight is not exactly zero."""
-    problems = check_off_mask_zero(mlp)
+    """Step 4: raise VerificationError (exit 3) if any off-mask weight is not exactly zero, or if
+    training diverged to non-finite weights (nothing is written then)."""
+    diverged = check_finite_values(mlp)
+    problems = diverged + check_off_mask_zero(mlp) + (["training diverged: lower --lr"] if diverged else [])
     if problems:
         raise VerificationError(problems)
 

@@ -31,7 +31,9 @@ def check_off_mask_zero(mlp: MLP) -> list[str]:
 
 
 def check_finite_values(mlp: MLP) -> list[str]:
-    return [f"{layer.weight_key}: non-finite weights" for layer in mlp.layers if not bool(torch.isfinite(layer.weight).all())]
+    return [f"{key}: non-finite values"
+            for layer in mlp.layers for key, t in ((layer.weight_key, layer.weight), (layer.bias_key, layer.bias))
+            if t is not None and not bool(torch.isfinite(t).all())]
 
 
 def check_siblings_disjoint(mlp: MLP) -> list[str]:

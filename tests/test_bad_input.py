@@ -295,7 +295,7 @@ CASES = [
     _plan_meta_case("alpha_1", json.dumps({"layers": [{"weight_key": "0.weight", "alpha": 1}]})),
     _clause_case("out_of_range", json.dumps({"groups": [[0, 1], [2, 9]]}), ["input 9 is out of range", "6 inputs"]),
     _clause_case("negative_index", json.dumps({"groups": [[0, -2]]}), ["input -2 is out of range"]),
-    _clause_case("list_too_long", json.dumps([0, 0, 1, 1, 2, 2, 3, 3]), ["out of range"]),
+    _clause_case("list_too_long", json.dumps([0, 0, 1, 1, 2, 2, 3, 3]), ["lists 8 inputs", "has 6"]),
     _clause_case("wrong_type_str", json.dumps({"groups": "abc"}), ["list of lists"]),
     _clause_case("wrong_type_float", json.dumps({"groups": [[0, 1.5]]}), ["must be integers", "1.5"]),
     _clause_case("wrong_type_scalar", "7", ["a clause map must be"]),
