@@ -203,8 +203,6 @@ def test_dnf_like_clause_split_direction(tmp_path):
     _dnf_direction(src, tmp_path / "clauses.json", tmp_path)
 
 
-@pytest.mark.skipif(not (SAMPLES / "dnf_mlp.safetensors").exists() or not (SAMPLES / "dnf_clauses.json").exists(),
-                    reason="the Boolean DNF sample (sample_checkpoints/dnf_mlp.safetensors + dnf_clauses.json) is not there yet")
 def test_dnf_sample_clause_split_raises_capacity_and_lowers_non_sibling_cosine(tmp_path):
     fc = _dnf_direction(SAMPLES / "dnf_mlp.safetensors", SAMPLES / "dnf_clauses.json", tmp_path)
     assert not math.isnan(fc["capacity_mean"])

@@ -201,7 +201,6 @@ def test_outgoing_split_divides_columns(tmp_path, mlp_file):
 # ---------------------------------------------------------------- the bundled samples
 
 
-@pytest.mark.skipif(not SAMPLES, reason="no sample checkpoints bundled yet")
 @pytest.mark.parametrize("sample", SAMPLES, ids=[s.stem for s in SAMPLES])
 def test_sample_checkpoints_end_to_end(tmp_path, sample):
     src = Path(shutil.copy(sample, tmp_path / sample.name))  # work on a copy: never write into the repo

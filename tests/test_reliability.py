@@ -434,8 +434,7 @@ def _finetune_args(out: str, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def finetune_inputs(tmp_path_factory) -> Path:
     """An expanded 64 -> 128*4 -> 4 model and 2048 training samples."""
-    if "finetune" not in COMMANDS:
-        pytest.skip("`fpe finetune` does not exist yet (fpe_cli/cli/train_cmds.py)")
+    assert "finetune" in COMMANDS
     where = tmp_path_factory.mktemp("ft")
     torch.manual_seed(1)
     module = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 4))
@@ -741,8 +740,7 @@ def test_expand_is_byte_identical_across_runs_and_thread_counts(tmp_path, det_in
 
 
 def test_train_and_finetune_are_byte_identical_across_runs(tmp_path):
-    if not {"train", "finetune"} <= COMMANDS:
-        pytest.skip("`fpe train`/`fpe finetune` do not exist yet (fpe_cli/cli/train_cmds.py)")
+    assert {"train", "finetune"} <= COMMANDS
     shutil.copyfile(CORPUS / "good.npz", tmp_path / "good.npz")
     shutil.copyfile(CORPUS / "packed.safetensors", tmp_path / "packed.safetensors")
     outputs = {}
