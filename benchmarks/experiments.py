@@ -33,7 +33,7 @@ from fpe_cli.analysis import cosine_stats, feature_capacity
 from fpe_cli.data import load_dataset
 from fpe_cli.expand import PlanInputs, Target, expand_mlp
 from fpe_cli.model import MLP, effective_weight
-from fpe_cli.stats import linear_fit, mean_se, paired_t_test
+from fpe_cli.stats import mean_se, paired_t_test
 from fpe_cli.train import TrainConfig, evaluate, fit, init_mlp
 from fpe_cli.verify import check_invariants
 

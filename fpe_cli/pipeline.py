@@ -7,7 +7,7 @@ rendering to the CLI. Nothing here prints.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch

@@ -30,7 +30,7 @@ from .distributed import DistContext, context
 from .errors import FPEError, VerificationError
 from .layers import from_blocks, grouped_linear, layer_group_index, to_blocks
 from .model import MLP, Layer, activation_fn
-from .resume import STATE_VERSION, fingerprint, load_state, save_state  # noqa: F401 (re-exported)
+from .resume import fingerprint, load_state, save_state
 from .verify import check_finite_values, check_off_mask_zero
 
 OPTIMIZERS = ("adam", "adamw", "sgd")

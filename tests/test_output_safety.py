@@ -77,7 +77,8 @@ def _write_state(path, model, data, tmp_path):
     """A real resume state: the one an interrupted 3-epoch run leaves after epoch 1."""
     from fpe_cli.checkpoint import load_checkpoint
     from fpe_cli.data import load_dataset
-    from fpe_cli.train import TrainConfig, build_module, fingerprint, make_optimizer, save_state
+    from fpe_cli.resume import fingerprint, save_state
+    from fpe_cli.train import TrainConfig, build_module, make_optimizer
     import torch
 
     mlp = load_checkpoint(model).mlp
