@@ -35,15 +35,18 @@ print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.star
 """
 
 
-def make_model(path: Path, d: int, h: int, seed: int = 0) -> None:
+def make_model(path: Path, d: int, h: int, seed: int = 0, depth: int = 1) -> None:
+    """d -> h (-> h ...) -> d with `depth` hidden layers, as nn.Sequential names."""
     import torch
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
-    save_file({
-        "fc1.weight": torch.randn(h, d, generator=g) / d ** 0.5, "fc1.bias": torch.zeros(h),
-        "fc2.weight": torch.randn(d, h, generator=g) / h ** 0.5, "fc2.bias": torch.zeros(d),
-    }, str(path))
+    widths = [d] + [h] * depth + [d]
+    tensors = {}
+    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+        tensors[f"{2 * i}.weight"] = torch.randn(n_out, n_in, generator=g) / n_in ** 0.5
+        tensors[f"{2 * i}.bias"] = torch.zeros(n_out)
+    save_file(tensors, str(path))
 
 
 def timed(fn, repeat: int = 3) -> float:
@@ -60,14 +63,14 @@ def peak_rss(*args: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def run(d: int, h: int, alpha: int, repeat: int) -> dict:
+def run(d: int, h: int, alpha: int, repeat: int, depth: int = 1) -> dict:
     from safetensors.torch import load_file, save_file
 
     from fpe_cli.pipeline import ExpandOptions, expand_file
 
     tmp = Path(tempfile.mkdtemp(prefix="fpe-bench-"))
     src, out, dense, floor_out = (tmp / n for n in ("in.safetensors", "out.safetensors", "dense.safetensors", "floor.safetensors"))
-    make_model(src, d, h)
+    make_model(src, d, h, depth=depth)
     opts = ExpandOptions(src, alpha=alpha, output=out, force=True)
     fpe_s = timed(lambda: expand_file(opts), repeat)
     out_tensors = load_file(str(out))
@@ -79,7 +82,7 @@ def run(d: int, h: int, alpha: int, repeat: int) -> dict:
     peak = peak_rss("expand", str(src), str(alpha), str(out), "packed")
     idle = peak_rss("idle")
     result = {
-        "shape": f"{d} -> {h} -> {d}", "alpha": alpha, "threads": __import__("torch").get_num_threads(),
+        "shape": " -> ".join(map(str, [d] + [h] * depth + [d])), "alpha": alpha, "threads": __import__("torch").get_num_threads(),
         "input_bytes": src.stat().st_size, "packed_bytes": out.stat().st_size, "dense_layout_bytes": dense.stat().st_size,
         "floor_s": floor_s, "fpe_s": fpe_s, "cli_s": cli_s,
         "fpe_over_floor": fpe_s / floor_s, "cli_over_floor": cli_s / floor_s,
@@ -98,11 +101,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="2048x8192", help="DxH: a D -> H -> D MLP")
     ap.add_argument("--alpha", type=int, default=4)
+    ap.add_argument("--depth", type=int, default=1, help="hidden layers (4 gives a 5-layer MLP)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     d, h = (int(v) for v in args.size.lower().split("x"))
-    r = run(d, h, args.alpha, args.repeat)
+    r = run(d, h, args.alpha, args.repeat, args.depth)
     if args.json:
         print(json.dumps(r, indent=2))
         return
