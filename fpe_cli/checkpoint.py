@@ -25,6 +25,7 @@ from .errors import FPEError
 from .masks import pack_mask, unpack_weight
 from .model import MLP, Layer, activation_fn, effective_weight
 from .plan import LayerPlan, SplitPlan
+from .verify import non_finite_tensors
 from .stfile import read_header, read_safetensors, sha256_file, write_safetensors
 
 LAYOUTS = ("plain", "dense", "packed")
@@ -172,10 +173,7 @@ def load_checkpoint(path: Path, layers: list[str] | None = None, activation: str
 
 
 def check_finite(mlp: MLP) -> None:
-    bad = [
-        key for layer in mlp.layers for key, t in ((layer.weight_key, layer.weight), (layer.bias_key, layer.bias))
-        if t is not None and not bool(torch.isfinite(t).all())
-    ]
+    bad = non_finite_tensors(mlp)
     if bad:
         raise FPEError(f"non-finite (NaN or Inf) values in: {', '.join(bad)}", "fix or retrain the checkpoint")
 

@@ -18,7 +18,7 @@ from .errors import FPEError, VerificationError
 from .expand import ExpandResult, PlanInputs, expand_mlp, function_drift
 from .recipe import load_clause_map, load_recipe, parse_selection, select_targets
 from .stfile import check_writable, sha256_file
-from .verify import check_invariants, model_counts
+from .verify import check_invariants, check_off_mask_zero, model_counts
 
 PRUNE_RULE = "global-magnitude; ties: earlier layer, then row-major"
 
@@ -231,12 +231,13 @@ def verify_file(model: Path, source: Path | None = None, layers=None, activation
     ckpt = load_checkpoint(model, layers, activation)
     # the source is read with the expanded file's chain, so names that needed --layers work for both
     src = load_checkpoint(source, [layer.weight_key for layer in ckpt.mlp.layers], activation) if source else None
-    problems = check_invariants(ckpt.mlp, recorded_budget(ckpt.metadata), src.mlp if src else None,
+    budget = recorded_budget(ckpt.metadata)
+    problems = check_invariants(ckpt.mlp, budget, src.mlp if src else None,
                                 src.sha256 if src else None, ckpt.metadata.get("fpe.source_sha256"))
     if problems:
         raise VerificationError(problems)
     checks = ["finite weights", "off-mask weights are zero", "siblings own disjoint edges"]
-    if recorded_budget(ckpt.metadata) is not None:
+    if budget is not None:
         checks.append("weights equal the recorded budget")
     if src:
         checks += ["source sha256 matches", "children's edges are their parent's", "weights equal the source's"]
@@ -294,8 +295,7 @@ def inspect_report(model: Path, layers=None, activation=None) -> dict:
 def convert_file(model: Path, layout: str, output: Path, force: bool = False, layers=None, activation=None) -> dict:
     ckpt = load_checkpoint(model, layers, activation)
     check_writable(output, force=force, inputs=(model,))
-    off_mask = check_invariants(ckpt.mlp, None)[:]
-    off_mask = [p for p in off_mask if "off the mask" in p]
+    off_mask = check_off_mask_zero(ckpt.mlp)
     if off_mask:
         raise VerificationError(off_mask + ["converting would drop these values; the conversion would not be lossless"])
     meta = {k: v for k, v in ckpt.metadata.items() if k != "fpe.layout"}

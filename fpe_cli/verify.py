@@ -30,10 +30,14 @@ def check_off_mask_zero(mlp: MLP) -> list[str]:
     return out
 
 
-def check_finite_values(mlp: MLP) -> list[str]:
-    return [f"{key}: non-finite values"
-            for layer in mlp.layers for key, t in ((layer.weight_key, layer.weight), (layer.bias_key, layer.bias))
+def non_finite_tensors(mlp: MLP) -> list[str]:
+    """Names of the weights and biases holding NaN or Inf."""
+    return [key for layer in mlp.layers for key, t in ((layer.weight_key, layer.weight), (layer.bias_key, layer.bias))
             if t is not None and not bool(torch.isfinite(t).all())]
+
+
+def check_finite_values(mlp: MLP) -> list[str]:
+    return [f"{key}: non-finite values" for key in non_finite_tensors(mlp)]
 
 
 def check_siblings_disjoint(mlp: MLP) -> list[str]:
