@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .analysis import polysemanticity
 from .errors import FPEError
 
 STRATEGIES = ("random", "structured", "clause", "gram", "activation")
@@ -194,21 +195,13 @@ def gram_clusters(weight: torch.Tensor, n_clusters: int, generator: torch.Genera
     return assign
 
 
-def polysemanticity(weight: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-    """Effective number of inputs driving each neuron: exp(entropy of w_ij^2 / sum_j w_ij^2), (h,)."""
-    w2 = (weight.to(torch.float32) * support) ** 2  # (h, d)
-    p = w2 / w2.sum(dim=1, keepdim=True).clamp(min=1e-30)
-    entropy = -(p * torch.log(p.clamp(min=1e-30))).sum(dim=1)
-    return torch.exp(entropy)
-
-
 def top_parents(weight: torch.Tensor, support: torch.Tensor, top: float) -> torch.Tensor:
     """bool (h,): the `top` most polysemantic parents (a count >= 1, or a fraction in (0, 1))."""
     h = weight.shape[0]
     k = int(top) if top >= 1 else max(1, round(top * h))
     if k < 1 or k > h:
         raise FPEError(f"--expand-top {top} selects {k} of {h} neurons", f"give a count in 1..{h} or a fraction in (0, 1)")
-    score = polysemanticity(weight, support)
+    score = polysemanticity(weight * support).nan_to_num(1.0)  # the score `fpe analyze` reports; empty row -> 1
     chosen = torch.zeros(h, dtype=torch.bool)
     chosen[torch.argsort(score, descending=True, stable=True)[:k]] = True
     return chosen
