@@ -78,58 +78,101 @@ def split_rows(layer: Layer, plan: LayerPlan) -> Layer:
     return Layer(layer.weight_key, weight, layer.bias_key, bias, mask, parents)
 
 
+def outgoing_values(weight: torch.Tensor, copies: int | torch.Tensor, outgoing: str) -> torch.Tensor:
+    """A consumer's columns as each of their copies will hold them: the parent's (copy) or a 1/copies share (split)."""
+    if outgoing not in OUTGOING:
+        raise FPEError(f"unknown --outgoing {outgoing!r}", f"choose one of: {', '.join(OUTGOING)}")
+    if outgoing == "copy":
+        return weight
+    return weight / (copies if isinstance(copies, int) else copies.to(weight.dtype))
+
+
 def copy_columns(layer: Layer, alpha: int | torch.Tensor, outgoing: str) -> Layer:
     """Consumer: (C, h) -> (C, children); each child's column copies its parent's (or a 1/children share).
 
     `alpha` is an int (every parent) or an int64 (h,) tensor of children per parent.
     """
-    if outgoing not in OUTGOING:
-        raise FPEError(f"unknown --outgoing {outgoing!r}", f"choose one of: {', '.join(OUTGOING)}")
-    weight = layer.weight.repeat_interleave(alpha, dim=1)  # (C, alpha*h)
-    if outgoing == "split":
-        share = alpha if isinstance(alpha, int) else alpha.repeat_interleave(alpha).to(weight.dtype)
-        weight = weight / share
+    weight = outgoing_values(layer.weight, alpha, outgoing).repeat_interleave(alpha, dim=1)  # (C, alpha*h)
     mask = layer.support().repeat_interleave(alpha, dim=1)
     return Layer(layer.weight_key, weight, layer.bias_key, layer.bias, mask, layer.parents)
 
 
+@dataclass
+class Origin:
+    """What an expanded layer's weights are made of: a source-sized weight whose column j appears copies[j] times.
+
+    Splitting rows moves each edge to exactly one child and copying columns repeats them, so the
+    multiset of the expanded layer's magnitudes is the origin's, each counted copies[j] times: the
+    pruning threshold can be selected on the (alpha times smaller) origin.
+    """
+
+    weight: torch.Tensor  # (out, in) values as the expanded layer holds them (outgoing shares applied)
+    mask: torch.Tensor  # bool (out, in): the weights that exist
+    copies: torch.Tensor | None = None  # int64 (in,) copies of each column; None = one each
+
+    @classmethod
+    def of(cls, layer: Layer) -> "Origin":
+        return cls(layer.weight, layer.support())
+
+
 PRUNE_CHUNK = 1 << 22  # elements per step when scanning a layer (bounds temporaries)
+NOT_A_WEIGHT = 0x7FFFFFFF  # bit pattern parked on non-edges: above every finite magnitude, in its own bucket
 
 
-def _row_chunks(layer: Layer):
-    rows = max(1, PRUNE_CHUNK // max(1, layer.in_features))
-    for start in range(0, layer.out_features, rows):
-        yield slice(start, start + rows)
+def _row_chunks(rows: int, cols: int):
+    step = max(1, PRUNE_CHUNK // max(1, cols))
+    for start in range(0, rows, step):
+        yield slice(start, start + step)
 
 
-def _magnitude_bits(layer: Layer, rows: slice) -> torch.Tensor:
-    """int32 bit patterns of |w| for the existing weights of some rows, row-major.
+def _column_groups(origin: Origin):
+    """(columns, multiplicity) pairs covering the origin's columns; columns is a slice when all share one."""
+    if origin.copies is None:
+        return [(slice(None), 1)]
+    values = torch.unique(origin.copies)
+    if values.numel() == 1:
+        return [(slice(None), int(values[0]))]
+    return [((origin.copies == v).nonzero().flatten(), int(v)) for v in values]
+
+
+def _magnitude_bits(origin: Origin):
+    """(int32 bit patterns of |w|, multiplicity) blocks over an origin; non-edges hold NOT_A_WEIGHT.
 
     For non-negative floats the IEEE bit pattern orders exactly like the value, so selecting on
     the bits selects on the magnitudes (float16/bfloat16 convert to float32 exactly).
     """
-    bits = layer.weight[rows].abs().to(torch.float32).view(torch.int32)
-    return bits[layer.mask[rows]]
+    rows, cols = origin.weight.shape
+    for columns, copies in _column_groups(origin):
+        for r in _row_chunks(rows, cols):
+            w, m = origin.weight[r][:, columns], origin.mask[r][:, columns]
+            bits = w.abs().to(torch.float32).view(torch.int32)
+            yield torch.where(m, bits, NOT_A_WEIGHT).view(-1), copies
 
 
-def _select_threshold(layers: list[Layer], excess: int) -> tuple[float, int]:
+def _histogram(origins: list[Origin], select) -> torch.Tensor:
+    """Counts of the 16-bit keys `select(bits)` returns, each weight counted as often as it is copied."""
+    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    for origin in origins:
+        for bits, copies in _magnitude_bits(origin):
+            picked = select(bits)
+            hist += copies * torch.bincount(picked, minlength=1 << 16)[: 1 << 16]
+    return hist
+
+
+def _select_threshold(origins: list[Origin], excess: int) -> tuple[float, int]:
     """The excess-th smallest |w| among existing weights, and how many are strictly smaller.
 
     A two-pass radix select on the bit patterns (high 16 bits, then low 16 within one bucket): exact,
     with memory bounded by one row chunk instead of an array of every magnitude.
     """
-    def histogram(select):
-        hist = torch.zeros(1 << 16, dtype=torch.int64)
-        for layer in layers:
-            for rows in _row_chunks(layer):
-                hist += torch.bincount(select(_magnitude_bits(layer, rows)), minlength=1 << 16)
-        return hist
-
-    high = histogram(lambda b: b >> 16)
+    high = _histogram(origins, lambda b: b >> 16)
+    high[NOT_A_WEIGHT >> 16] = 0  # non-edges
+    if int(high[0x7F80:].sum()):  # exponent all ones: Inf or NaN
+        raise FPEError("non-finite (NaN or Inf) weights cannot be ranked by magnitude", "fix or retrain the checkpoint")
     cum = high.cumsum(0)
     bucket = int(torch.searchsorted(cum, excess))  # first bucket whose running count reaches excess
     below = int(cum[bucket - 1]) if bucket else 0
-    low = histogram(lambda b: b[b >> 16 == bucket] & 0xFFFF)
+    low = _histogram(origins, lambda b: (b[b >> 16 == bucket] & 0xFFFF))
     cum = low.cumsum(0)
     rest = int(torch.searchsorted(cum, excess - below))
     below += int(cum[rest - 1]) if rest else 0
@@ -139,30 +182,32 @@ def _select_threshold(layers: list[Layer], excess: int) -> tuple[float, int]:
 
 def _prune_layer(layer: Layer, threshold: float, ties_to_prune: int) -> tuple[int, int]:
     """Prune |w| < threshold, then the first `ties_to_prune` |w| == threshold; returns (pruned, ties left)."""
-    pruned = 0
-    for rows in _row_chunks(layer):
-        mag, mask = layer.weight[rows].abs().to(torch.float32), layer.mask[rows]
-        drop = mask & (mag < threshold)
+    before = int(torch.count_nonzero(layer.mask))
+    for rows in _row_chunks(layer.out_features, layer.in_features):
+        w, mask = layer.weight[rows], layer.mask[rows]
+        mag = w.abs() if w.dtype == torch.float32 else w.abs().to(torch.float32)
+        keep = mag >= threshold
         if ties_to_prune > 0:
             tie_idx = (mask & (mag == threshold)).view(-1).nonzero().flatten()[:ties_to_prune]
-            drop.view(-1)[tie_idx] = True
+            keep.view(-1)[tie_idx] = False
             ties_to_prune -= tie_idx.numel()
-        mask &= ~drop  # views: edits the layer in place
-        layer.weight[rows].masked_fill_(drop, 0)
-        pruned += int(torch.count_nonzero(drop))
-    return pruned, ties_to_prune
+        drop = mask & ~keep
+        mask &= keep  # views: edit the layer in place
+        w.masked_fill_(drop, 0)
+    return before - int(torch.count_nonzero(layer.mask)), ties_to_prune
 
 
-def prune_to_budget(layers: list[Layer], budget: int) -> list[int]:
+def prune_to_budget(layers: list[Layer], budget: int, origins: list[Origin] | None = None) -> list[int]:
     """Remove the globally smallest |w| among existing weights until exactly `budget` remain.
 
     Ties are broken deterministically: earlier layer first, then row-major position.
+    `origins` (one per layer, optional) let the threshold be selected on source-sized tensors.
     Returns the number pruned per layer. Mutates the layers' masks and weights in place.
     """
     excess = sum(int(torch.count_nonzero(layer.mask)) for layer in layers) - budget
     if excess <= 0:
         return [0] * len(layers)
-    threshold, below = _select_threshold(layers, excess)
+    threshold, below = _select_threshold(origins or [Origin.of(layer) for layer in layers], excess)
     ties_to_prune = excess - below
     pruned = []
     for layer in layers:
@@ -200,13 +245,17 @@ def expand_mlp(mlp: MLP, targets: list[Target], *, seed: int = 0, outgoing: str 
     work = _ensure_masks(mlp, {t.index for t in targets} | {t.index + 1 for t in targets})
     generator = split_generator(seed)
     plans = []
+    origins = [Origin.of(layer) for layer in work.layers]
     for target in sorted(targets, key=lambda t: t.index):
         layer_plan = _plan_for(work, target, plan, generator, inputs)
         plans.append(layer_plan)
-        work.layers[target.index] = split_rows(work.layers[target.index], layer_plan)
+        work.layers[target.index] = split_rows(work.layers[target.index], layer_plan)  # the origin is unchanged
         counts = layer_plan.alpha if layer_plan.children is None else layer_plan.children
-        work.layers[target.index + 1] = copy_columns(work.layers[target.index + 1], counts, outgoing)
-    pruned = prune_to_budget(work.layers, budget) if prune else [0] * len(work.layers)
+        consumer = work.layers[target.index + 1]
+        copies = torch.full((consumer.in_features,), counts, dtype=torch.int64) if isinstance(counts, int) else counts
+        origins[target.index + 1] = Origin(outgoing_values(consumer.weight, counts, outgoing), consumer.support(), copies)
+        work.layers[target.index + 1] = copy_columns(consumer, counts, outgoing)
+    pruned = prune_to_budget(work.layers, budget, origins) if prune else [0] * len(work.layers)
     after = [int(torch.count_nonzero(layer.mask)) for layer in work.layers]
     dead = [int((~layer.mask.any(dim=1)).sum()) for layer in work.layers]
     return ExpandResult(work, SplitPlan(plans, seed), budget, before, after, pruned, dead)

@@ -83,14 +83,15 @@ def plan_random(support: torch.Tensor, alpha: int, generator: torch.Generator) -
     """Random permutation of each parent's edges cut into alpha parts of sizes differing by <= 1."""
     h, d = support.shape
     child = torch.full((h, d), -1, dtype=torch.int16)
+    position = torch.arange(d).unsqueeze(0)  # (1, d): place in the row's random order
     for start in range(0, h, ROW_CHUNK):
         sup = support[start:start + ROW_CHUNK]  # (r, d)
         keys = torch.rand(sup.shape, generator=generator)
         keys[~sup] = 2.0  # non-edges sort last
-        rank = _rank_within_rows(keys)
-        n = sup.sum(dim=1, keepdim=True).clamp(min=1)
-        owner = torch.div(rank * alpha, n, rounding_mode="floor")
-        child[start:start + ROW_CHUNK] = torch.where(sup, owner, -1).to(torch.int16)
+        order = torch.argsort(keys, dim=1, stable=True)  # (r, d): edges in random order, then non-edges
+        n = sup.sum(dim=1, keepdim=True)  # (r, 1)
+        owner = torch.where(position < n, position * alpha // n.clamp(min=1), -1).to(torch.int16)  # by place
+        child[start:start + ROW_CHUNK].scatter_(1, order, owner)
     return child
 
 

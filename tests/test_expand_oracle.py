@@ -457,3 +457,25 @@ def test_packed_dense_round_trip_is_bit_exact(case):
             assert (a.parents is None) == (b.parents is None)
             if a.parents is not None:
                 assert torch.equal(a.parents, b.parents)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases(), st.sampled_from(["copy", "split"]), st.sampled_from([None, 0.5, 1]))
+def test_pruning_selected_on_source_tensors_equals_sorting_the_expanded_weights(case, outgoing, top):
+    """The threshold is selected on source-sized tensors with copy counts (selective expansion gives
+    parents different counts; outgoing=split divides the copies); the result must equal the sorting
+    oracle applied to the unpruned expansion, bit for bit."""
+    src = random_mlp(case["widths"], dtype=case["dtype"], seed=case["seed"], zero_frac=case["zero_frac"],
+                     alpha=case["alpha"])
+    targets = _targets(case)
+    for t in targets:
+        t.top = top
+    kw = dict(seed=case["seed"], outgoing=outgoing, inputs=PlanInputs(groups=case["groups"]))
+    full = expand_mlp(src, targets, prune=False, **kw)
+    res = expand_mlp(src, targets, **kw)
+    ref = [{"w": [[layer.weight[i, j] for j in range(layer.in_features)] for i in range(layer.out_features)],
+            "m": layer.mask.tolist()} for layer in full.mlp.layers]
+    oracle_prune(ref, src.weight_budget())
+    for layer, want in zip(res.mlp.layers, ref):
+        assert layer.mask.tolist() == want["m"]
+        assert layer.weight.tolist() == [[float(v) for v in row] for row in want["w"]]
