@@ -17,6 +17,7 @@ Metrics (NaN marks "undefined", e.g. an all-zero column or row; summaries skip N
 Scale: everything runs in blocks of `chunk` rows or features, so a (16384, 4096) float32 layer never
 builds a (16384, 16384) or an (in, in)-squared temporary; peak extra memory is about one normalised
 copy of W plus one (chunk, out) block. `progress(n)` is called after each block with the units done.
+Probe activations run through FPELinear's kernels (`layers.KernelMLP`), the forward fine-tuning uses.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from typing import Callable
 import torch
 
 from .errors import FPEError
-from .model import MLP, Layer, effective_weight, hidden_activations
+from .layers import KernelMLP
+from .model import MLP, Layer, effective_weight
 
 Progress = Callable[[int], None] | None
 CHUNK = 1024
 BATCH = 1024  # probe samples per forward pass (a (BATCH, width) activation block per hidden layer)
+GATHER_BYTES = 256 * 2**20  # bound on the grouped kernel's gathered copy of a probe block (smaller blocks if needed)
 METRICS = ("capacity_mean", "capacity_median", "capacity_sum", "capacity_fraction_below_half",
            "cosine_mean_abs", "cosine_mean_abs_non_sibling", "polysemanticity_mean", "polysemanticity_median",
            "class_selectivity_mean", "dead_fraction", "activation_density")
@@ -169,6 +172,7 @@ class ActivationStats:
     class_counts: torch.Tensor  # float64 (C,)
     active_counts: torch.Tensor  # int64 (h,): samples with activation > 0
     samples: int = 0
+    kernel: str | None = None  # FPELinear kernel the activations came from ('dense' or 'grouped')
 
     @classmethod
     def empty(cls, num_classes: int, width: int) -> "ActivationStats":
@@ -194,13 +198,24 @@ def label_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def activation_stats(mlp: MLP, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, batch: int = BATCH,
                      progress: Progress = None) -> list[ActivationStats]:
-    """One ActivationStats per hidden layer, from the probe inputs x (N, d) and labels y, in batches."""
+    """One ActivationStats per hidden layer, from the probe inputs x (N, d) and labels y, in batches.
+
+    Activations (float32, whatever the checkpoint's dtype) come from FPELinear's kernels, as in fine-tuning
+    and evaluation (`layers.KernelMLP`: masks applied once, grouped blocks where the recorded split allows);
+    `model.hidden_activations`, the masked-dense reference, is the oracle the tests compare against.
+    """
     stats = [ActivationStats.empty(num_classes, layer.out_features) for layer in mlp.layers[:-1]]
-    for s, e in _blocks(x.shape[0], batch):
-        targets = label_matrix(y[s:e], num_classes)  # (b, C)
-        for st, acts in zip(stats, hidden_activations(mlp, x[s:e])):
-            st.add(acts, targets)
-        _tick(progress)
+    with torch.no_grad():
+        module = KernelMLP(mlp)
+        for st, kernel in zip(stats, module.kernels):
+            st.kernel = kernel
+        rows = max(1, GATHER_BYTES // (4 * module.gather_width)) if module.gather_width else batch  # small groups gather a lot
+        for s, e in _blocks(x.shape[0], batch):
+            targets = label_matrix(y[s:e], num_classes)  # (b, C)
+            for a, b in _blocks(e - s, rows):
+                for st, acts in zip(stats, module.hidden_activations(x[s + a:s + b])):
+                    st.add(acts, targets[a:b])
+            _tick(progress)
     return stats
 
 

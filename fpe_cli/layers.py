@@ -9,13 +9,22 @@ Kernels (all compute the same function as the masked-dense oracle `x @ (W * M).T
              gather of x plus a batched matmul over (group, child) blocks: the arithmetic of the
              dense parent layer instead of alpha times it. Weights live in compact blocks.
 `masked_dense_linear` is the oracle the tests compare both against.
+
+`KernelMLP` runs a whole expanded MLP through these kernels (grouped for each layer whose split the
+checkpoint's recorded `--group-size` allows, dense otherwise): the one fast forward shared by
+training and evaluation (`train.MaskedMLP` adds the mask locking) and by `fpe analyze`'s activation
+statistics. Masks are applied once, when the module is built, never per call.
 """
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .model import MLP, activation_fn
 
 
 def masked_dense_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -126,3 +135,95 @@ class FPELinear(nn.Module):
         if self.kernel == "dense":
             return self.weight.detach().clone()
         return from_blocks(self.weight.detach(), self.mask, self.index, self.in_features)
+
+
+# ---------------------------------------------------------------- a whole MLP through the kernels
+
+
+def recorded_group_size(metadata: dict[str, str]) -> int | None:
+    """The --group-size an expanded checkpoint was made with (recorded in fpe.settings), if any."""
+    try:
+        value = json.loads(metadata.get("fpe.settings", "{}")).get("group_size")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def as_f32(t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A float32 copy of t, with exact zeros off `mask` when one is given."""
+    t = t.detach().to(torch.float32).clone()
+    return t.masked_fill_(~mask, 0) if mask is not None else t
+
+
+def kernel_weight(weight: torch.Tensor, mask: torch.Tensor | None, parents: torch.Tensor | None,
+                  group_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One layer's float32 weight laid out for its fastest kernel: (weight, kernel mask, index).
+
+    index None: the dense kernel, an (out, in) copy with exact zeros off `mask` (kernel mask = mask).
+    index given: the grouped kernel, compact (groups, alpha, G, m) blocks and their block mask.
+    """
+    index = layer_group_index(mask, parents, group_size)
+    if index is None:
+        return as_f32(weight, mask), mask, None
+    block, block_mask = to_blocks(weight.detach().to(torch.float32), mask, index)
+    return block, block_mask, index
+
+
+def kernel_linear(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (N, in) through a `kernel_weight` layout: F.linear (dense) or grouped_linear (grouped)."""
+    return F.linear(x, weight, bias) if index is None else grouped_linear(x, weight, index, bias)
+
+
+class KernelMLP(nn.Module):
+    """float32 copy of an MLP whose layers run through FPELinear's kernels (no per-call mask multiply).
+
+    Parameters `weights.{i}` (dense (out, in) or grouped blocks, see `kernel_weight`) and `biases.{j}`;
+    `index[i]` is layer i's grouped layout or None (dense kernel). With keep_masks, each layer's
+    kernel mask (or None) is kept as buffer `mask{i}` (what training needs to lock it).
+    """
+
+    def __init__(self, mlp: MLP, *, keep_masks: bool = False):
+        super().__init__()
+        self.activation = mlp.activation
+        activation_fn(mlp.activation)
+        group_size = recorded_group_size(mlp.metadata)
+        built = [kernel_weight(layer.weight, layer.mask, layer.parents, group_size) for layer in mlp.layers]
+        self.index = [index for _, _, index in built]
+        self.weights = nn.ParameterList([nn.Parameter(w) for w, _, _ in built])
+        self.biases = nn.ParameterList([nn.Parameter(as_f32(layer.bias)) for layer in mlp.layers if layer.bias is not None])
+        self.bias_of = [sum(l.bias is not None for l in mlp.layers[:i]) if layer.bias is not None else -1
+                        for i, layer in enumerate(mlp.layers)]
+        if keep_masks:
+            for i, (_, mask, _) in enumerate(built):
+                self.register_buffer(f"mask{i}", mask.clone() if mask is not None else None)
+
+    @property
+    def kernels(self) -> list[str]:
+        """The kernel of each layer: 'dense' or 'grouped'."""
+        return ["dense" if index is None else "grouped" for index in self.index]
+
+    @property
+    def gather_width(self) -> int:
+        """Floats the grouped kernel gathers per input row (the widest layer; 0 without grouped layers):
+        its transient copy of x is (N, gather_width), groups times the input width."""
+        return max((index.numel() for index in self.index if index is not None), default=0)
+
+    def layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer i's linear map (before the activation): (N, in_i) -> (N, out_i)."""
+        b = self.biases[self.bias_of[i]] if self.bias_of[i] >= 0 else None
+        return kernel_linear(x, self.weights[i], self.index[i], b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act, last = activation_fn(self.activation), len(self.weights) - 1
+        for i in range(len(self.weights)):
+            x = self.layer(i, x)  # (N, out_i)
+            x = act(x) if i < last else x
+        return x
+
+    def hidden_activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Post-activation outputs of every hidden layer, (N, width_k) each; x is cast to float32."""
+        act, h, out = activation_fn(self.activation), x.to(torch.float32), []
+        for i in range(len(self.weights) - 1):
+            h = act(self.layer(i, h))
+            out.append(h)
+        return out

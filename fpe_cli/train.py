@@ -15,7 +15,6 @@ Resumable through `resume.py`: resuming from a state gives bit-identical final w
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch.nn import functional as F
 from .data import Dataset, check_input_width, check_output_width
 from .distributed import DistContext, context
 from .errors import FPEError, VerificationError
-from .layers import from_blocks, grouped_linear, layer_group_index, to_blocks
+from .layers import KernelMLP, from_blocks
 from .model import MLP, Layer, activation_fn
 from .resume import fingerprint, load_state, save_state
 from .verify import check_finite_values, check_off_mask_zero
@@ -69,26 +68,14 @@ class TrainConfig:
 # ---------------------------------------------------------------- the module and its masks
 
 
-class MaskedMLP(nn.Module):
-    """float32 trainable copy of an MLP; each layer's mask (or None) is a buffer `mask{i}`."""
+class MaskedMLP(KernelMLP):
+    """float32 trainable copy of an MLP on FPELinear's kernels (`layers.KernelMLP`: grouped layers, from
+    splits shared within parent groups, train as compact blocks); each layer's mask (or None) is a
+    buffer `mask{i}`, its complement a non-persistent buffer `off{i}`."""
 
     def __init__(self, mlp: MLP):
-        super().__init__()
-        self.activation = mlp.activation
-        activation_fn(mlp.activation)
-        group_size = _group_size(mlp)
-        # grouped layers (splits shared within parent groups) train as compact blocks: FPELinear's kernel
-        self.index = [layer_group_index(layer.mask, layer.parents, group_size) for layer in mlp.layers]
-        blocks = [to_blocks(layer.weight.to(torch.float32), layer.mask, idx) if idx is not None else (None, None)
-                  for layer, idx in zip(mlp.layers, self.index)]
-        self.weights = nn.ParameterList([nn.Parameter(_as_f32(layer.weight, layer.mask) if b is None else b)
-                                         for layer, (b, _) in zip(mlp.layers, blocks)])
-        self.biases = nn.ParameterList([nn.Parameter(_as_f32(layer.bias)) for layer in mlp.layers if layer.bias is not None])
-        self.bias_of = [sum(l.bias is not None for l in mlp.layers[:i]) if layer.bias is not None else -1
-                        for i, layer in enumerate(mlp.layers)]
-        for i, (layer, (_, block_mask)) in enumerate(zip(mlp.layers, blocks)):
-            mask = block_mask if block_mask is not None else layer.mask
-            self.register_buffer(f"mask{i}", mask.clone() if mask is not None else None)
+        super().__init__(mlp, keep_masks=True)
+        for i, mask in enumerate(self.masks()):
             self.register_buffer(f"off{i}", ~mask if mask is not None else None, persistent=False)
 
     def masks(self) -> list[torch.Tensor | None]:
@@ -97,14 +84,6 @@ class MaskedMLP(nn.Module):
     def off_masks(self) -> list[torch.Tensor | None]:
         """The complements (entries that must stay zero), computed once rather than at every step."""
         return [getattr(self, f"off{i}") for i in range(len(self.weights))]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act, last = activation_fn(self.activation), len(self.weights) - 1
-        for i, w in enumerate(self.weights):
-            b = self.biases[self.bias_of[i]] if self.bias_of[i] >= 0 else None
-            x = F.linear(x, w, b) if self.index[i] is None else grouped_linear(x, w, self.index[i], b)  # (N, out_i)
-            x = act(x) if i < last else x
-        return x
 
     def to_mlp(self, template: MLP) -> MLP:
         """The template's layers (keys, masks, lineage, dtypes) with this module's values."""
@@ -117,20 +96,6 @@ class MaskedMLP(nn.Module):
             if layer.bias is not None:
                 layer.bias = self.biases[self.bias_of[i]].detach().cpu().to(template.layers[i].bias.dtype).clone()
         return out
-
-
-def _group_size(mlp: MLP) -> int | None:
-    """The --group-size an expanded checkpoint was made with (recorded in fpe.settings), if any."""
-    try:
-        value = json.loads(mlp.metadata.get("fpe.settings", "{}")).get("group_size")
-    except (json.JSONDecodeError, AttributeError):
-        return None
-    return value if isinstance(value, int) and value > 0 else None
-
-
-def _as_f32(t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    t = t.detach().to(torch.float32).clone()
-    return t.masked_fill_(~mask, 0) if mask is not None else t
 
 
 def lock_gradients(module: MaskedMLP) -> list:

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from fpe_cli import analysis as A
 from fpe_cli.errors import FPEError
 from fpe_cli.expand import PlanInputs, Target, expand_mlp
-from fpe_cli.model import MLP, Layer
+from fpe_cli.layers import KernelMLP
+from fpe_cli.model import MLP, Layer, hidden_activations
 
 # ---------------------------------------------------------------- plain oracles (full matrices, float64)
 
@@ -274,6 +275,90 @@ def test_activation_stats_batches_match_one_pass():
     x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
     one, many = A.activation_stats(mlp, x, y, 3, batch=50), A.activation_stats(mlp, x, y, 3, batch=7)
     assert torch.allclose(one[0].class_sums, many[0].class_sums) and torch.equal(one[0].active_counts, many[0].active_counts)
+
+
+# ---------------------------------------------------------------- activation statistics: kernels vs. the masked-dense oracle
+
+
+def oracle_activation_stats(mlp: MLP, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[tuple]:
+    """(class sums, class counts, active counts) per hidden layer: one masked-dense pass, float64 sums."""
+    targets = torch.nn.functional.one_hot(y, num_classes).double()  # (N, C)
+    return [(targets.T @ acts.double(), targets.sum(dim=0), (acts > 0).sum(dim=0))
+            for acts in hidden_activations(mlp, x)]  # the reference: weight * mask on every call
+
+
+def assert_stats_match_oracle(mlp, x, y, num_classes, kernels, batch=32):
+    stats = A.activation_stats(mlp, x, y, num_classes, batch=batch)
+    assert [layer.kernel for layer in stats] == kernels  # fails if the grouped kernel silently falls back
+    for layer, (sums, counts, active) in zip(stats, oracle_activation_stats(mlp, x, y, num_classes), strict=True):
+        torch.testing.assert_close(layer.class_sums, sums, rtol=1e-5, atol=1e-4)
+        assert torch.equal(layer.class_counts, counts) and torch.equal(layer.active_counts, active)
+        assert layer.samples == x.shape[0]
+
+
+def three_layer_mlp(seed: int = 0, dtype=torch.float32) -> MLP:
+    g = torch.Generator().manual_seed(seed)
+    return MLP([Layer("0.weight", torch.randn(8, 12, generator=g).to(dtype), "0.bias", torch.randn(8, generator=g).to(dtype)),
+                Layer("2.weight", torch.randn(8, 8, generator=g).to(dtype), "2.bias", torch.randn(8, generator=g).to(dtype)),
+                Layer("4.weight", torch.randn(3, 8, generator=g).to(dtype), None, None)])
+
+
+def probe(n: int = 100, d: int = 12, classes: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_stats_dense_kernel_matches_masked_dense_oracle(dtype):
+    """Per-edge random split (the paper's): dense kernel, masks applied once when the module is built."""
+    expanded = expand_mlp(three_layer_mlp(dtype=dtype), [Target(0, 3), Target(1, 2)], seed=0).mlp
+    first = expanded.layers[0]
+    first.weight = first.weight.masked_fill(~first.mask, 7.0)  # stray off-mask values: both must ignore them
+    x, y = probe()
+    assert_stats_match_oracle(expanded, x, y, 3, ["dense", "dense"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_stats_grouped_kernel_matches_masked_dense_oracle(dtype):
+    """A --group-size expansion (fpe.settings records it, as fpe expand does): grouped kernel in every hidden layer."""
+    import json
+
+    expanded = expand_mlp(three_layer_mlp(dtype=dtype), [Target(0, 2), Target(1, 2)], seed=0,
+                          inputs=PlanInputs(group_size=4)).mlp
+    x, y = probe()
+    plain = expanded.copy()
+    assert_stats_match_oracle(plain, x, y, 3, ["dense", "dense"])  # no recorded group size: dense kernel
+    expanded.metadata["fpe.settings"] = json.dumps({"group_size": 4})
+    assert_stats_match_oracle(expanded, x, y, 3, ["grouped", "grouped"])
+
+
+def test_activation_stats_bounds_the_grouped_gather(monkeypatch):
+    """Small groups gather x many times over: blocks shrink to keep that copy bounded, same statistics."""
+    import json
+
+    expanded = expand_mlp(three_layer_mlp(), [Target(0, 2), Target(1, 2)], seed=0, inputs=PlanInputs(group_size=4)).mlp
+    expanded.metadata["fpe.settings"] = json.dumps({"group_size": 4})
+    seen = []
+    original = KernelMLP.hidden_activations
+    monkeypatch.setattr(KernelMLP, "hidden_activations", lambda self, x: seen.append(x.shape[0]) or original(self, x))
+    monkeypatch.setattr(A, "GATHER_BYTES", 4 * KernelMLP(expanded).gather_width * 5)  # room for 5 rows
+    x, y = probe()
+    assert_stats_match_oracle(expanded, x, y, 3, ["grouped", "grouped"], batch=32)
+    assert max(seen) == 5 and sum(seen) == 100
+
+
+def test_activation_stats_grouped_kernel_from_an_fpe_expand_file(tmp_path):
+    """The real path: `fpe expand --group-size` writes the file, load_checkpoint reads it, analyze gets blocks."""
+    from conftest import run_cli, save_mlp
+
+    from fpe_cli.checkpoint import load_checkpoint
+
+    src = save_mlp(tmp_path / "model.safetensors", [12, 8, 3])
+    res = run_cli(["expand", src, "--alpha", "2", "--group-size", "4", "--seed", "1", "-o", tmp_path / "x.safetensors"])
+    assert res.exit_code == 0, res.stderr
+    mlp = load_checkpoint(tmp_path / "x.safetensors").mlp
+    x, y = probe(60)
+    assert_stats_match_oracle(mlp, x, y, 3, ["grouped"])
 
 
 # ---------------------------------------------------------------- dense vs. expanded

@@ -122,3 +122,30 @@ def test_finetune_uses_the_grouped_kernel_and_matches_the_dense_kernel():
     for a, b in zip(grouped.layers, reference.layers):
         torch.testing.assert_close(a.weight, b.weight, atol=1e-5, rtol=1e-4)
         assert not a.weight[~a.mask].any()
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_kernel_mlp_matches_the_masked_dense_forward(group_size):
+    """KernelMLP (the forward of finetune, evaluate and analyze) against model.forward / hidden_activations."""
+    import json
+
+    from fpe_cli.expand import PlanInputs
+    from fpe_cli.layers import KernelMLP
+    from fpe_cli.model import forward, hidden_activations
+
+    g = torch.Generator().manual_seed(2)
+    dense = MLP([Layer("0.weight", torch.randn(8, 12, generator=g), "0.bias", torch.randn(8, generator=g)),
+                 Layer("2.weight", torch.randn(8, 8, generator=g)),
+                 Layer("4.weight", torch.randn(3, 8, generator=g), "4.bias", torch.randn(3, generator=g))])
+    expanded = expand_mlp(dense, [Target(0, 2), Target(1, 2)], seed=0, inputs=PlanInputs(group_size=group_size)).mlp
+    if group_size:
+        expanded.metadata["fpe.settings"] = json.dumps({"group_size": group_size})
+    module = KernelMLP(expanded)
+    assert module.kernels == (["grouped", "grouped", "dense"] if group_size else ["dense"] * 3)
+    assert not list(module.buffers())  # without keep_masks nothing but the kernel weights is held
+    x = torch.randn(7, 12, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), forward(expanded, x), **TOL[torch.float32])
+        for fast, ref in zip(module.hidden_activations(x.double()), hidden_activations(expanded, x), strict=True):
+            assert fast.dtype == torch.float32
+            torch.testing.assert_close(fast, ref, **TOL[torch.float32])
