@@ -4,6 +4,8 @@ For a random d -> h -> d float32 MLP, measured in one run on this machine:
   - floor: plain safetensors `load_file` of the input + `save_file` of the output's tensors;
   - fpe:   `fpe_cli.pipeline.expand_file` (in process, imports excluded) and the `fpe expand` CLI
            (a subprocess: interpreter and torch import included);
+  - where fpe's time goes: read (+ sha256), check (finite), expand (plan, split, copy, prune),
+           drift (dense and expanded forward on 256 probes), write (pack + atomic write), each / floor;
   - peak RSS of a subprocess that runs the expansion, against one that only imports fpe, and
     relative to the size of the dense-layout output.
 Ratios are what to compare across machines; absolute times vary.
@@ -72,7 +74,9 @@ def run(d: int, h: int, alpha: int, repeat: int, depth: int = 1) -> dict:
     src, out, dense, floor_out = (tmp / n for n in ("in.safetensors", "out.safetensors", "dense.safetensors", "floor.safetensors"))
     make_model(src, d, h, depth=depth)
     opts = ExpandOptions(src, alpha=alpha, output=out, force=True)
-    fpe_s = timed(lambda: expand_file(opts), repeat)
+    runs: list[dict] = []
+    fpe_s = timed(lambda: expand_file(opts, timings=runs.append({}) or runs[-1]), repeat)
+    phases = min(runs, key=lambda t: sum(t.values()))  # the phases of the fastest run
     out_tensors = load_file(str(out))
     floor_s = timed(lambda: (load_file(str(src)), save_file(out_tensors, str(floor_out))), repeat)
     env = dict(os.environ)
@@ -90,6 +94,7 @@ def run(d: int, h: int, alpha: int, repeat: int, depth: int = 1) -> dict:
         "peak_rss_bytes": peak, "import_rss_bytes": idle,
         "peak_over_dense_output": peak / dense.stat().st_size,
         "peak_minus_import_over_dense_output": (peak - idle) / dense.stat().st_size,
+        "phases_s": phases, "phases_over_floor": {k: v / floor_s for k, v in phases.items()},
     }
     for p in tmp.iterdir():
         p.unlink()
@@ -113,6 +118,7 @@ def main() -> None:
     print(f"fpe expand {r['shape']} float32, alpha {r['alpha']}, {r['threads']} threads")
     print(f"  fpe (in process) / I/O floor : {r['fpe_over_floor']:.1f}x  ({r['fpe_s']:.2f} s vs {r['floor_s']:.2f} s)")
     print(f"  fpe CLI (with imports) / floor: {r['cli_over_floor']:.1f}x")
+    print("  phases / floor                : " + ", ".join(f"{k} {v:.1f}x" for k, v in r["phases_over_floor"].items()))
     print(f"  packed file / dense input     : {r['packed_over_input']:.3f}x")
     print(f"  peak RSS / dense-layout output: {r['peak_over_dense_output']:.2f}x "
           f"({(r['peak_rss_bytes'] - r['import_rss_bytes']) / r['dense_layout_bytes']:.2f}x above the import baseline)")

@@ -6,7 +6,9 @@ rendering to the CLI. Nothing here prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,11 +123,27 @@ def probe_inputs(ckpt: Checkpoint, data: str | None, samples: int, seed: int) ->
     return torch.randn(samples, d_in, generator=gen), f"{samples} standard-normal inputs (seed {seed})"
 
 
-def expand_file(opts: ExpandOptions) -> dict:
-    """The whole `fpe expand`: returns the report; writes the output (and plan) atomically."""
+@contextlib.contextmanager
+def _phase(timings: dict[str, float] | None, name: str):
+    """Add the wall time of the block to timings[name] (for benchmarks; a no-op without a dict)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def expand_file(opts: ExpandOptions, timings: dict[str, float] | None = None) -> dict:
+    """The whole `fpe expand`: returns the report; writes the output (and plan) atomically.
+
+    `timings`, when given, receives the wall time of each phase (read, check, expand, drift, write).
+    """
     settings = _resolve_settings(opts)
-    ckpt = load_checkpoint(opts.model, opts.layers, opts.activation)
-    check_finite(ckpt.mlp)
+    with _phase(timings, "read"):
+        ckpt = load_checkpoint(opts.model, opts.layers, opts.activation)
+    with _phase(timings, "check"):
+        check_finite(ckpt.mlp)
     plan = load_plan(opts.plan) if opts.plan else None
     alpha = settings["alpha"] if settings["alpha"] is not None or plan is None else plan_alpha(plan)
     targets = select_targets(ckpt.mlp, parse_selection(settings["targets"], settings["ignore"]),
@@ -138,24 +156,27 @@ def expand_file(opts: ExpandOptions) -> dict:
     groups = load_clause_map(opts.clause_map, ckpt.mlp.layers[0].in_features) if opts.clause_map else None
     if any(t.split == "clause" for t in targets) and groups is None and opts.plan is None:
         raise FPEError("--split clause needs a clause map", "pass --clause-map clauses.json")
-    plan = load_plan(opts.plan) if opts.plan else None
     if settings["seed"] is None:  # record the seed that produced the split: an applied plan's own
         settings["seed"] = plan.seed if plan is not None else 0
     calibration = None
     if any(t.split == "activation" for t in targets) and plan is None:
         calibration = calibration_inputs(ckpt, opts.probe_data, opts.calibration_samples)
     inputs = PlanInputs(groups, settings["clusters"], settings["group_size"], calibration)
-    result = expand_mlp(ckpt.mlp, targets, seed=settings["seed"], outgoing=settings["outgoing"], plan=plan, inputs=inputs)
-    probes, probe_desc = probe_inputs(ckpt, opts.probe_data, opts.probe_samples, settings["seed"])
-    drift = function_drift(ckpt.mlp, result.mlp, probes)
+    with _phase(timings, "expand"):
+        result = expand_mlp(ckpt.mlp, targets, seed=settings["seed"], outgoing=settings["outgoing"], plan=plan,
+                            inputs=inputs)
+    with _phase(timings, "drift"):
+        probes, probe_desc = probe_inputs(ckpt, opts.probe_data, opts.probe_samples, settings["seed"])
+        drift = function_drift(ckpt.mlp, result.mlp, probes)
     meta = expanded_metadata(ckpt, result, settings, targets)
     meta["fpe.inputs"] = json.dumps({
         "clause_map_sha256": sha256_file(opts.clause_map) if opts.clause_map else None,
         "data": opts.probe_data,
     }, sort_keys=True)
-    size = save_checkpoint(result.mlp, output, opts.layout, meta, force=opts.force)
-    if opts.save_plan:
-        save_plan(result.plan, opts.save_plan, source_sha256=ckpt.sha256, force=opts.force)
+    with _phase(timings, "write"):
+        size = save_checkpoint(result.mlp, output, opts.layout, meta, force=opts.force)
+        if opts.save_plan:
+            save_plan(result.plan, opts.save_plan, source_sha256=ckpt.sha256, force=opts.force)
     return expand_report(ckpt, result, settings, output, opts, size, drift | {"probe": probe_desc})
 
 
