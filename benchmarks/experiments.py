@@ -41,11 +41,14 @@ SWEEP_KEYS = ("hidden", "clauses", "alpha")
 
 
 def parse_arm(text: str) -> dict:
-    """`random`, `clause`, `gram`, `activation`, `structured`, with `+gN` (group size) / `+topF` (selective)."""
+    """`random`, `clause`, `gram`, `activation`, `structured`, with `+gN` (group size), `+topF` (selective)
+    and `+tie` (outgoing copies tied: one parameter, no pruning)."""
     name, *mods = text.split("+")
-    arm = {"label": text, "split": name, "group_size": None, "expand_top": None}
+    arm = {"label": text, "split": name, "group_size": None, "expand_top": None, "outgoing": "copy"}
     for mod in mods:
-        if mod.startswith("g"):
+        if mod == "tie":
+            arm["outgoing"] = "tie"
+        elif mod.startswith("g"):
             arm["group_size"] = int(mod[1:])
         elif mod.startswith("top"):
             arm["expand_top"] = float(mod[3:])
@@ -110,7 +113,8 @@ def run_trial(spec: dict, hidden: int, clauses, seed: int, done: set, emit) -> N
 def run_fpe_arm(pre: MLP, data, post: TrainConfig, alpha: int, arm: dict, seed: int) -> dict:
     t0 = time.perf_counter()
     inputs = PlanInputs(groups=clause_groups(data), group_size=arm["group_size"], calibration=data.x_train[:512])
-    result = expand_mlp(pre, [Target(0, alpha, arm["split"], arm["expand_top"])], seed=seed, inputs=inputs)
+    result = expand_mlp(pre, [Target(0, alpha, arm["split"], arm["expand_top"])], seed=seed, inputs=inputs,
+                        outgoing=arm["outgoing"])
     tuned, metrics = fit(result.mlp, data, post)
     metrics["before"] = evaluate(result.mlp, data, "test")
     problems = check_invariants(tuned, result.budget)

@@ -128,6 +128,20 @@ def _attach_masks_and_lineage(layers: list[Layer], tensors: dict[str, torch.Tens
         raise FPEError("; ".join(problems))
 
 
+def _attach_ties(layers: list[Layer], tied_keys, path: Path) -> None:
+    """Mark the layers named in metadata `fpe.tied`: their input columns are tied by the previous layer's lineage."""
+    if not (isinstance(tied_keys, list) and all(isinstance(k, str) for k in tied_keys)):
+        raise FPEError(f"{path}: metadata fpe.tied must be a JSON list of weight names")
+    index = {layer.weight_key: i for i, layer in enumerate(layers)}
+    for key in tied_keys:
+        i = index.get(key)
+        prev = layers[i - 1] if i else None
+        if prev is None or prev.parents is None or prev.parents.numel() != layers[i].in_features:
+            raise FPEError(f"{path}: fpe.tied names {key!r}, but no expanded layer with lineage feeds it",
+                           "the file is corrupt or was edited")
+        layers[i].tied = prev.parents
+
+
 def normalize_activation(text: str) -> str:
     """'ReLU', 'nn.GELU', 'torch.nn.SiLU()', 'LeakyReLU' -> fpe's names ('relu', 'gelu', 'silu', 'leaky_relu')."""
     name = text.strip().strip('"').split(".")[-1].removesuffix("()")
@@ -166,6 +180,7 @@ def load_checkpoint(path: Path, layers: list[str] | None = None, activation: str
         if layer.weight.dtype not in FLOAT_DTYPES:
             raise FPEError(f"{layer.weight_key}: weights must be floating point, found {layer.weight.dtype}")
     _attach_masks_and_lineage(chain, tensors, masks)
+    _attach_ties(chain, metadata_json(metadata, "fpe.tied", [], where=path), path)
     act, act_source = _resolve_activation(metadata, activation)
     sizes = {name: e["data_offsets"][1] - e["data_offsets"][0] for name, e in header.items()}
     unused = [u for u in unused if not u.startswith(FPE_PREFIX)]
@@ -225,6 +240,10 @@ def fpe_metadata(mlp: MLP, layout: str, extra: dict[str, str] | None = None) -> 
         "fpe.activation": mlp.activation,
         "fpe.layers": json.dumps([layer.weight_key for layer in mlp.layers]),
     })
+    meta.pop("fpe.tied", None)
+    tied = [layer.weight_key for layer in mlp.layers if layer.tied is not None]
+    if tied:
+        meta["fpe.tied"] = json.dumps(tied)
     return meta
 
 

@@ -13,7 +13,9 @@ Kernels (all compute the same function as the masked-dense oracle `x @ (W * M).T
 `KernelMLP` runs a whole expanded MLP through these kernels (grouped for each layer whose split the
 checkpoint's recorded `--group-size` allows, dense otherwise): the one fast forward shared by
 training and evaluation (`train.MaskedMLP` adds the mask locking) and by `fpe analyze`'s activation
-statistics. Masks are applied once, when the module is built, never per call.
+statistics. Masks are applied once, when the module is built, never per call. A layer with tied
+columns (`--outgoing tie`) keeps one parameter per (row, parent) and applies it to the sum of that
+parent's children's activations: the consumer's arithmetic of the dense model.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .model import MLP, activation_fn
+from .errors import FPEError
+from .model import MLP, activation_fn, first_of_groups, sibling_sum
 
 
 def masked_dense_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -155,6 +158,29 @@ def as_f32(t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     return t.masked_fill_(~mask, 0) if mask is not None else t
 
 
+def collapse_tied(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, mask) of a layer, tied column groups reduced to their first copy (the shared parameter)."""
+    if layer.tied is None:
+        return layer.weight, layer.mask
+    first = first_of_groups(layer.tied)
+    weight, mask = layer.weight[:, first], (layer.mask[:, first] if layer.mask is not None else None)
+    w_eff = weight if mask is None else weight.masked_fill(~mask, 0)
+    full = layer.weight if layer.mask is None else layer.weight.masked_fill(~layer.mask, 0)
+    if not torch.equal(full, w_eff[:, layer.tied]) or (mask is not None and not torch.equal(layer.mask, mask[:, layer.tied])):
+        raise FPEError(f"{layer.weight_key}: its tied column copies differ, so they are not one parameter",
+                       "run fpe verify on the file; it was edited or written by another tool")
+    return weight, mask
+
+
+def uniform_children(tied: torch.Tensor) -> int | None:
+    """k when every parent has k consecutive tied columns (a reshape then sums them), else None."""
+    parents = int(tied[-1]) + 1 if tied.numel() else 0
+    if not parents or tied.numel() % parents:
+        return None
+    k = tied.numel() // parents
+    return k if torch.equal(tied, torch.arange(parents).repeat_interleave(k)) else None
+
+
 def kernel_weight(weight: torch.Tensor, mask: torch.Tensor | None, parents: torch.Tensor | None,
                   group_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One layer's float32 weight laid out for its fastest kernel: (weight, kernel mask, index).
@@ -187,7 +213,9 @@ class KernelMLP(nn.Module):
         self.activation = mlp.activation
         activation_fn(mlp.activation)
         group_size = recorded_group_size(mlp.metadata)
-        built = [kernel_weight(layer.weight, layer.mask, layer.parents, group_size) for layer in mlp.layers]
+        self.tied = [layer.tied for layer in mlp.layers]  # tied layers run at the parents' width
+        self.siblings = [uniform_children(t) if t is not None else None for t in self.tied]
+        built = [kernel_weight(*collapse_tied(layer), layer.parents, group_size) for layer in mlp.layers]
         self.index = [index for _, _, index in built]
         self.weights = nn.ParameterList([nn.Parameter(w) for w, _, _ in built])
         self.biases = nn.ParameterList([nn.Parameter(as_f32(layer.bias)) for layer in mlp.layers if layer.bias is not None])
@@ -209,9 +237,23 @@ class KernelMLP(nn.Module):
         return max((index.numel() for index in self.index if index is not None), default=0)
 
     def layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer i's linear map (before the activation): (N, in_i) -> (N, out_i)."""
+        """Layer i's linear map (before the activation): (N, in_i) -> (N, out_i).
+
+        A tied layer first sums each parent's children (its columns are one parameter per parent).
+        """
         b = self.biases[self.bias_of[i]] if self.bias_of[i] >= 0 else None
+        if self.tied[i] is not None:
+            k = self.siblings[i]
+            x = x.view(x.shape[0], -1, k).sum(dim=2) if k else sibling_sum(x, self.tied[i])
         return kernel_linear(x, self.weights[i], self.index[i], b)
+
+    def expanded_weight(self, i: int, in_features: int) -> torch.Tensor:
+        """Layer i's weight as the file stores it: (out, in) with exact zeros off the mask, tied copies repeated."""
+        w = self.weights[i].detach().cpu()
+        if self.index[i] is not None:
+            width = in_features if self.tied[i] is None else int(self.tied[i][-1]) + 1
+            w = from_blocks(w, getattr(self, f"mask{i}").cpu(), self.index[i], width)
+        return w[:, self.tied[i]] if self.tied[i] is not None else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act, last = activation_fn(self.activation), len(self.weights) - 1

@@ -4,7 +4,10 @@ Pure data and pure functions: nothing here touches files or terminals.
 A `Layer` holds one linear map y = x @ W.T + b with W of shape (out, in). `mask` is the set of
 weights that exist (True) — explicit, never inferred from zeros, because a trained weight can be 0.
 `parents` on a layer maps each of its output units to the parent unit it was split from (lineage);
-None when the layer was not expanded.
+None when the layer was not expanded. `tied` marks a consumer expanded with `--outgoing tie`: its
+input columns are copies of the parent's column, one shared parameter per (row, parent) — the
+copies hold equal values and masks, count once in the budget, and the fast kernels apply the
+parent's column once to the sum of its children's activations (`sibling_sum`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Layer:
     bias: torch.Tensor | None = None  # (out,)
     mask: torch.Tensor | None = None  # bool (out, in); None = dense (every entry is a weight)
     parents: torch.Tensor | None = None  # int64 (out,): parent unit of each output unit
+    tied: torch.Tensor | None = None  # int64 (in,): parent of each input column when sibling columns are tied
 
     @property
     def prefix(self) -> str:
@@ -54,7 +58,29 @@ class Layer:
         return self.mask if self.mask is not None else self.weight != 0
 
     def active_weights(self) -> int:
-        return int(torch.count_nonzero(self.support()))
+        """Weights that exist; a group of tied columns (copies of one parameter) counts once."""
+        support = self.support()
+        if self.tied is not None:
+            support = support[:, first_of_groups(self.tied)]
+        return int(torch.count_nonzero(support))
+
+
+def first_of_groups(tied: torch.Tensor) -> torch.Tensor:
+    """Index of the first column of each tied group (groups are runs of equal parent ids, in order)."""
+    if tied.numel() == 0:
+        return tied
+    starts = torch.ones_like(tied, dtype=torch.bool)
+    starts[1:] = tied[1:] != tied[:-1]
+    return starts.nonzero().flatten()
+
+
+def sibling_sum(x: torch.Tensor, tied: torch.Tensor) -> torch.Tensor:
+    """(N, children) -> (N, parents): the activations of each parent's children summed (tied columns)."""
+    parents = int(tied[-1]) + 1 if tied.numel() else 0
+    if parents and tied.numel() % parents == 0 and torch.equal(tied, torch.arange(parents).repeat_interleave(
+            tied.numel() // parents)):
+        return x.view(x.shape[0], parents, -1).sum(dim=2)  # every parent has the same number of children
+    return torch.zeros(x.shape[0], parents, dtype=x.dtype).index_add_(1, tied, x)
 
 
 @dataclass

@@ -202,7 +202,7 @@ def expanded_metadata(ckpt: Checkpoint, result: ExpandResult, settings: dict, ta
         "fpe.source_file": ckpt.path.name,
         "fpe.settings": json.dumps({
             "seed": settings["seed"], "outgoing": settings["outgoing"], "bias": "copy",
-            "prune": PRUNE_RULE, "clusters": settings["clusters"], "group_size": settings["group_size"],
+            "prune": PRUNE_RULE if settings["outgoing"] != "tie" else "none: tied copies count once", "clusters": settings["clusters"], "group_size": settings["group_size"],
             "expand_top": settings["expand_top"], "default_split": settings["split"],
         }, sort_keys=True),
         "fpe.recipe": json.dumps({"targets": resolved, "ignore": settings["ignore"]}, sort_keys=True),
@@ -258,6 +258,8 @@ def verify_file(model: Path, source: Path | None = None, layers=None, activation
     if problems:
         raise VerificationError(problems)
     checks = ["finite weights", "off-mask weights are zero", "siblings own disjoint edges"]
+    if any(layer.tied is not None for layer in ckpt.mlp.layers):
+        checks.append("tied column copies are equal")
     if budget is not None:
         checks.append("weights equal the recorded budget")
     if src:

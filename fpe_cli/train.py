@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from .data import Dataset, check_input_width, check_output_width
 from .distributed import DistContext, context
 from .errors import FPEError, VerificationError
-from .layers import KernelMLP, from_blocks
+from .layers import KernelMLP
 from .model import MLP, Layer, activation_fn
 from .resume import fingerprint, load_state, save_state
 from .verify import check_finite_values, check_off_mask_zero
@@ -89,9 +89,7 @@ class MaskedMLP(KernelMLP):
         """The template's layers (keys, masks, lineage, dtypes) with this module's values."""
         out = template.copy()
         for i, layer in enumerate(out.layers):
-            w = self.weights[i].detach().cpu()
-            if self.index[i] is not None:
-                w = from_blocks(w, getattr(self, f"mask{i}").cpu(), self.index[i], layer.in_features)
+            w = self.expanded_weight(i, layer.in_features)
             layer.weight = w.to(template.layers[i].weight.dtype).clone()
             if layer.bias is not None:
                 layer.bias = self.biases[self.bias_of[i]].detach().cpu().to(template.layers[i].bias.dtype).clone()

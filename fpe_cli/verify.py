@@ -2,7 +2,9 @@
 
 Invariants of an expanded model, each reported as a human-readable violation:
   - off-mask weights are exactly zero;
-  - the number of weights (mask entries) equals the recorded budget, and the source's when given;
+  - the number of weights (mask entries; tied column copies count once) equals the recorded budget,
+    and the source's when given;
+  - tied column copies hold equal values and masks;
   - siblings (children of one parent) own disjoint input edges;
   - with the source: every child's edges are a subset of its parent's, and the source is the file
     that was expanded (sha256).
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import MLP, Layer
+from .model import MLP, Layer, effective_weight, first_of_groups
 
 
 def _col_parents(mlp: MLP, index: int) -> torch.Tensor | None:
@@ -54,6 +56,20 @@ def check_siblings_disjoint(mlp: MLP) -> list[str]:
     return out
 
 
+def check_ties(mlp: MLP) -> list[str]:
+    """Tied columns (copies of one parameter) must hold equal values and masks."""
+    out = []
+    for layer in mlp.layers:
+        if layer.tied is None:
+            continue
+        first = first_of_groups(layer.tied)[layer.tied]  # (in,): the first copy of each column's group
+        w, support = effective_weight(layer), layer.support()
+        differ = int(((w != w[:, first]) | (support != support[:, first])).sum())
+        if differ:
+            out.append(f"{layer.weight_key}: {differ} tied column entr(ies) differ from their group's first copy")
+    return out
+
+
 def check_budget(mlp: MLP, budget: int | None, source: MLP | None = None) -> list[str]:
     out = []
     have = mlp.weight_budget()
@@ -90,7 +106,7 @@ def check_against_source(mlp: MLP, source: MLP) -> list[str]:
 def check_invariants(mlp: MLP, budget: int | None, source: MLP | None = None,
                      source_sha: str | None = None, recorded_sha: str | None = None) -> list[str]:
     """Every violated invariant (empty list = all hold)."""
-    problems = check_finite_values(mlp) + check_off_mask_zero(mlp) + check_siblings_disjoint(mlp)
+    problems = check_finite_values(mlp) + check_off_mask_zero(mlp) + check_siblings_disjoint(mlp) + check_ties(mlp)
     problems += check_budget(mlp, budget, source)
     if source is not None:
         if recorded_sha and source_sha and recorded_sha != source_sha:
@@ -114,6 +130,7 @@ def layer_counts(layer: Layer, hidden: bool) -> dict:
         "hidden": hidden,
         "sparsity": 1.0 - active / numel if numel else 0.0,
         "expanded": layer.parents is not None,
+        "tied": layer.tied is not None,  # tied column copies count once in "weights"
     }
 
 
