@@ -5,6 +5,11 @@ Model d -> h -> d (default 1024 -> 4096 -> 1024), expanded at alpha 2 and 4 with
                 reference: W * M on every call) and as FPELinear's dense kernel (no mask multiply);
   grouped-G:    random split shared by groups of G parents, FPELinear's grouped kernel;
   structured:   input index mod alpha for every parent, FPELinear's grouped kernel (one group).
+  ... + tie:    `--outgoing tie` (children's outgoing copies one shared parameter, no pruning), timed
+                as the module `fpe finetune` trains (train.MaskedMLP with its gradient locks): the
+                producer through the dense or grouped kernel, the consumer applied once to the
+                sum of each parent's children; "grouped-h + tie" is one random partition shared
+                by every parent (`--group-size h`).
 Every number is a ratio to the dense model measured in the same run (median of repeats).
 
     python benchmarks/bench_layers.py [--d 1024 --h 4096 --batches 1 256 --alphas 2 4 --json]
@@ -23,6 +28,7 @@ from torch import nn
 from fpe_cli.expand import PlanInputs, Target, expand_mlp
 from fpe_cli.layers import FPELinear, masked_dense_linear
 from fpe_cli.model import MLP, Layer
+from fpe_cli.train import MaskedMLP, lock_gradients
 
 
 class MaskedDenseMLP(nn.Module):
@@ -76,11 +82,23 @@ def measure(module: nn.Module, x: torch.Tensor, repeat: int) -> tuple[float, flo
     return timeit(fwd, repeat), timeit(fwd_bwd, repeat)
 
 
-def expanded(d: int, h: int, alpha: int, split: str, group_size: int | None, seed: int = 0) -> MLP:
+def expanded(d: int, h: int, alpha: int, split: str, group_size: int | None, seed: int = 0,
+             outgoing: str = "copy") -> MLP:
     g = torch.Generator().manual_seed(seed)
     mlp = MLP([Layer("0.weight", torch.randn(h, d, generator=g) / d ** 0.5, "0.bias", torch.zeros(h)),
                Layer("2.weight", torch.randn(d, h, generator=g) / h ** 0.5, "2.bias", torch.zeros(d))])
-    return expand_mlp(mlp, [Target(0, alpha, split)], seed=seed, inputs=PlanInputs(group_size=group_size)).mlp
+    out = expand_mlp(mlp, [Target(0, alpha, split)], seed=seed, inputs=PlanInputs(group_size=group_size),
+                     outgoing=outgoing).mlp
+    if group_size:  # as `fpe expand --group-size` records it: fine-tuning then runs the grouped kernel
+        out.metadata["fpe.settings"] = json.dumps({"group_size": group_size})
+    return out
+
+
+def finetune_module(mlp: MLP) -> nn.Module:
+    """The module `fpe finetune` trains (train.MaskedMLP with its gradient-locking hooks)."""
+    module = MaskedMLP(mlp)
+    lock_gradients(module)
+    return module
 
 
 def run(d: int, h: int, batches: list[int], alphas: list[int], repeat: int) -> list[dict]:
@@ -96,6 +114,9 @@ def run(d: int, h: int, batches: list[int], alphas: list[int], repeat: int) -> l
                 ("paper, FPELinear dense kernel", fpe_module(expanded(d, h, alpha, "random", None), alpha, None)),
                 ("grouped-1024, FPELinear grouped", fpe_module(expanded(d, h, alpha, "random", 1024), alpha, 1024)),
                 ("structured, FPELinear grouped", fpe_module(expanded(d, h, alpha, "structured", None), alpha, h)),
+                ("paper split + tie, finetune module", finetune_module(expanded(d, h, alpha, "random", None, outgoing="tie"))),
+                ("grouped-1024 + tie, finetune module", finetune_module(expanded(d, h, alpha, "random", 1024, outgoing="tie"))),
+                (f"grouped-{h} + tie, finetune module", finetune_module(expanded(d, h, alpha, "random", h, outgoing="tie"))),
             ]
             for name, module in configs:
                 f, fb = measure(module, x, repeat)
@@ -120,9 +141,9 @@ def main() -> None:
         print(json.dumps({"d": args.d, "h": args.h, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
         return
     print(f"{args.d} -> {args.h} -> {args.d}, float32, {torch.get_num_threads()} threads; time / dense model's time")
-    print(f"{'batch':>5} {'alpha':>5}  {'config':<34} {'forward':>8} {'fwd+bwd':>8}")
+    print(f"{'batch':>5} {'alpha':>5}  {'config':<38} {'forward':>8} {'fwd+bwd':>8}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['alpha']:>5}  {r['config']:<34} {r['forward_vs_dense']:>7.2f}x {r['fwd_bwd_vs_dense']:>7.2f}x")
+        print(f"{r['batch']:>5} {r['alpha']:>5}  {r['config']:<38} {r['forward_vs_dense']:>7.2f}x {r['fwd_bwd_vs_dense']:>7.2f}x")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ Layouts:
 - `packed`: each weight stored as `fpe.values:<key>` (its masked entries, row-major),
   `fpe.bitmask:<key>` (uint8 rows of little-endian bits) and `fpe.shape:<key>` (int64 [out, in]);
   biases and lineage as in `dense`.
+Tied columns (`--outgoing tie`, format version 2): `fpe.tied:<key>` (int32 copies of each parent
+column, as `fpe.children` of the layer before); `dense` stores every copy (a plain torch.nn module
+computes the same function), `packed` stores each shared column once (`fpe.shape` is [out, parents]).
 Metadata is strings only: `format: pt` plus `fpe.*` keys (JSON-encoded values).
 """
 
@@ -19,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from . import FORMAT_VERSION, __version__
+from . import BASE_FORMAT_VERSION, FORMAT_VERSION, TIED_FORMAT_VERSION, __version__
 from .discovery import FPE_PREFIX, discover_layers
 from .errors import FPEError
 from .masks import pack_mask, unpack_weight
-from .model import MLP, Layer, activation_fn, effective_weight
+from .model import MLP, Layer, activation_fn, effective_weight, first_of_groups
 from .plan import LayerPlan, SplitPlan
 from .verify import non_finite_tensors
 from .stfile import read_header, read_safetensors, sha256_file, write_safetensors
@@ -128,18 +131,43 @@ def _attach_masks_and_lineage(layers: list[Layer], tensors: dict[str, torch.Tens
         raise FPEError("; ".join(problems))
 
 
-def _attach_ties(layers: list[Layer], tied_keys, path: Path) -> None:
-    """Mark the layers named in metadata `fpe.tied`: their input columns are tied by the previous layer's lineage."""
-    if not (isinstance(tied_keys, list) and all(isinstance(k, str) for k in tied_keys)):
-        raise FPEError(f"{path}: metadata fpe.tied must be a JSON list of weight names")
-    index = {layer.weight_key: i for i, layer in enumerate(layers)}
-    for key in tied_keys:
-        i = index.get(key)
-        prev = layers[i - 1] if i else None
-        if prev is None or prev.parents is None or prev.parents.numel() != layers[i].in_features:
-            raise FPEError(f"{path}: fpe.tied names {key!r}, but no expanded layer with lineage feeds it",
+def _widen_tied(tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Read `fpe.tied:<key>` (int32 copies per parent column); a packed weight stored once per parent is
+    widened to its copies here. Returns {key: parent of each input column}."""
+    tied = {}
+    for name in [n for n in tensors if n.startswith(FPE_PREFIX + "tied:")]:
+        key, counts = name.split(":", 1)[1], tensors.pop(name)
+        weight = tensors.get(key)
+        if weight is None or weight.ndim != 2:
+            raise FPEError(f"{name}: ties a weight that is not in the file")
+        if counts.dtype != torch.int32 or counts.ndim != 1 or (counts.numel() and int(counts.min()) < 1):
+            raise FPEError(f"{name}: expected a 1-D int32 tensor of copies per parent column (each >= 1), "
+                           f"found {counts.dtype} {tuple(counts.shape)}")
+        lineages = [t for n, t in tensors.items() if n.startswith(FPE_PREFIX + "children:")]
+        if not any(t.dtype == counts.dtype and torch.equal(t, counts) for t in lineages):
+            raise FPEError(f"{name}: its copies per column are no expanded layer's children counts",
                            "the file is corrupt or was edited")
-        layers[i].tied = prev.parents
+        parents = torch.arange(counts.numel()).repeat_interleave(counts.to(torch.int64))
+        if weight.shape[1] == counts.numel() and key in masks:  # packed: one column per parent
+            tensors[key], masks[key] = weight[:, parents], masks[key][:, parents]
+        elif weight.shape[1] != parents.numel():
+            raise FPEError(f"{name}: {parents.numel()} tied columns, but {key} has {weight.shape[1]} inputs")
+        tied[key] = parents
+    return tied
+
+
+def _attach_ties(layers: list[Layer], tied: dict[str, torch.Tensor]) -> None:
+    """A tied layer's column groups must be the children of the layer before it (its lineage)."""
+    index = {layer.weight_key: i for i, layer in enumerate(layers)}
+    for key, parents in tied.items():
+        i = index.get(key)
+        if i is None:
+            raise FPEError(f"fpe.tied:{key}: the tied weight is not part of the MLP chain")
+        prev = layers[i - 1].parents if i else None
+        if prev is None or not torch.equal(prev, parents):
+            raise FPEError(f"fpe.tied:{key}: its column groups are not the children of the layer before it",
+                           "the file is corrupt or was edited")
+        layers[i].tied = parents
 
 
 def normalize_activation(text: str) -> str:
@@ -169,6 +197,7 @@ def load_checkpoint(path: Path, layers: list[str] | None = None, activation: str
     tensors, metadata = read_safetensors(path)
     _check_format_version(metadata, path)
     tensors, masks = _unpack_packed(tensors)
+    tied = _widen_tied(tensors, masks)
     layout = "packed" if masks else "dense" if any(k.startswith(FPE_PREFIX + "mask:") for k in tensors) else "plain"
     if layers is None and "fpe.layers" in metadata:
         layers = metadata_json(metadata, "fpe.layers", where=path)
@@ -180,7 +209,7 @@ def load_checkpoint(path: Path, layers: list[str] | None = None, activation: str
         if layer.weight.dtype not in FLOAT_DTYPES:
             raise FPEError(f"{layer.weight_key}: weights must be floating point, found {layer.weight.dtype}")
     _attach_masks_and_lineage(chain, tensors, masks)
-    _attach_ties(chain, metadata_json(metadata, "fpe.tied", [], where=path), path)
+    _attach_ties(chain, tied)
     act, act_source = _resolve_activation(metadata, activation)
     sizes = {name: e["data_offsets"][1] - e["data_offsets"][0] for name, e in header.items()}
     unused = [u for u in unused if not u.startswith(FPE_PREFIX)]
@@ -203,10 +232,18 @@ def mlp_tensors(mlp: MLP, layout: str) -> dict[str, torch.Tensor]:
     for layer in mlp.layers:
         key = layer.weight_key
         mask = layer.support() if layout != "plain" else None  # a plain file's weights exist where non-zero
+        if layer.tied is not None:
+            if layout == "plain":
+                raise FPEError("the plain layout cannot store tied columns", "use --layout dense or packed")
+            out[f"{FPE_PREFIX}tied:{key}"] = lineage_counts(layer.tied)
         if layout == "packed":
-            out[f"{FPE_PREFIX}values:{key}"] = packed_values(layer.weight, mask)
+            weight = layer.weight
+            if layer.tied is not None:  # the shared parameter once: the first copy of each tied group
+                first = first_of_groups(layer.tied)
+                weight, mask = weight[:, first], mask[:, first]
+            out[f"{FPE_PREFIX}values:{key}"] = packed_values(weight, mask)
             out[f"{FPE_PREFIX}bitmask:{key}"] = pack_mask(mask)
-            out[f"{FPE_PREFIX}shape:{key}"] = torch.tensor(list(layer.weight.shape), dtype=torch.int64)
+            out[f"{FPE_PREFIX}shape:{key}"] = torch.tensor(list(weight.shape), dtype=torch.int64)
         else:
             out[key] = effective_weight(layer) if layer.mask is not None else layer.weight
             if layout == "dense":
@@ -235,15 +272,13 @@ def fpe_metadata(mlp: MLP, layout: str, extra: dict[str, str] | None = None) -> 
     meta.update({
         "format": "pt",
         "fpe.version": __version__,
-        "fpe.format_version": str(FORMAT_VERSION),
+        "fpe.format_version": str(BASE_FORMAT_VERSION),
         "fpe.layout": layout,
         "fpe.activation": mlp.activation,
         "fpe.layers": json.dumps([layer.weight_key for layer in mlp.layers]),
     })
-    meta.pop("fpe.tied", None)
-    tied = [layer.weight_key for layer in mlp.layers if layer.tied is not None]
-    if tied:
-        meta["fpe.tied"] = json.dumps(tied)
+    if any(layer.tied is not None for layer in mlp.layers):
+        meta["fpe.format_version"] = str(TIED_FORMAT_VERSION)  # untied files stay readable by older fpe
     return meta
 
 
@@ -261,7 +296,7 @@ def save_plan(plan: SplitPlan, path: Path, *, source_sha256: str = "", force: bo
     meta = {
         "format": "pt",
         "fpe.kind": "plan",
-        "fpe.format_version": str(FORMAT_VERSION),
+        "fpe.format_version": str(BASE_FORMAT_VERSION),
         "fpe.plan": json.dumps({
             "seed": plan.seed,
             "source_sha256": source_sha256,

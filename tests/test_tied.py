@@ -183,7 +183,10 @@ def test_files_keep_the_tie_and_dense_loads_into_plain_torch(tmp_path, layout):
     assert [layer["pruned"] for layer in doc["layers"]] == [0, 0]
     ckpt = load_checkpoint(out)
     assert ckpt.mlp.layers[0].tied is None and ckpt.mlp.layers[1].tied.tolist() == torch.arange(8).repeat_interleave(4).tolist()
-    assert json.loads(ckpt.metadata["fpe.tied"]) == ["2.weight"]
+    tensors = load_file(str(out))
+    assert tensors["fpe.tied:2.weight"].tolist() == [4] * 8 and ckpt.metadata["fpe.format_version"] == "2"
+    if layout == "packed":  # each shared column stored once
+        assert tensors["fpe.shape:2.weight"].tolist() == [4, 8] and tensors["fpe.values:2.weight"].numel() == 32
     params = run_cli(["params", out, "--json"]).json()
     assert [layer["tied"] for layer in params["layers"]] == [False, True]
     assert params["total"]["weights"] == doc["budget"] and params["budget_holds"]
@@ -213,18 +216,29 @@ def test_verify_flags_copies_that_differ_and_training_refuses_them(tmp_path):
     assert res.exit_code == 2 and "tied column copies differ" in res.stderr
 
 
-@pytest.mark.parametrize("value", ['["0.weight"]', '"2.weight"', '["nope.weight"]'])
-def test_broken_tie_metadata_is_one_clear_error(tmp_path, value):
+@pytest.mark.parametrize("layout", ["packed", "dense"])
+@pytest.mark.parametrize("breakage", ["counts", "dtype", "key", "lineage"])
+def test_broken_tie_tensors_are_one_clear_error(tmp_path, layout, breakage):
     src = save_mlp(tmp_path / "m.safetensors", [12, 8, 4], seed=2)
     out = tmp_path / "t.safetensors"
-    assert run_cli(["expand", src, "--alpha", "2", "--outgoing", "tie", "--layout", "dense", "-o", out]).exit_code == 0
+    assert run_cli(["expand", src, "--alpha", "2", "--outgoing", "tie", "--layout", layout, "-o", out]).exit_code == 0
     from safetensors import safe_open
     with safe_open(str(out), "pt") as fh:
         meta = fh.metadata()
-    meta["fpe.tied"] = value
+    tensors = load_file(str(out))
+    counts = tensors.pop("fpe.tied:2.weight")
+    if breakage == "counts":  # copies that do not add up to the weight's inputs
+        tensors["fpe.tied:2.weight"] = torch.tensor([3] + [2] * 7, dtype=torch.int32)
+    elif breakage == "dtype":
+        tensors["fpe.tied:2.weight"] = counts.to(torch.float32)
+    elif breakage == "key":  # ties a weight that is not in the file
+        tensors["fpe.tied:9.weight"] = counts
+    else:  # groups that are not the previous layer's children
+        tensors["fpe.tied:2.weight"] = counts
+        tensors["fpe.children:0.weight"] = torch.tensor([1, 3] + [2] * 6, dtype=torch.int32)
     bad = tmp_path / "bad.safetensors"
-    save_file(load_file(str(out)), str(bad), metadata=meta)
-    assert_one_error_line(run_cli(["params", str(bad)]), "fpe.tied")
+    save_file(tensors, str(bad), metadata=meta)
+    assert_one_error_line(run_cli(["params", str(bad)]), "tied")
 
 
 def test_expanding_a_tied_file_again_is_refused(tmp_path):
