@@ -34,6 +34,15 @@ settings.load_profile("fpe")
 
 
 @pytest.fixture(autouse=True)
+def _grouped_kernel_for_small_groups(monkeypatch):
+    """Test models are tiny: let KernelMLP take the grouped kernel for any group size, so the grouped
+    path is exercised (its speed threshold, layers.MIN_GROUP, has its own test in test_layers.py)."""
+    import fpe_cli.layers
+
+    monkeypatch.setattr(fpe_cli.layers, "MIN_GROUP", 1)
+
+
+@pytest.fixture(autouse=True)
 def _isolate(tmp_path, monkeypatch):
     """Keep every test out of the user's home and the repository: HOME and cwd are temp dirs."""
     home = tmp_path / "_home"

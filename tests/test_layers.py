@@ -149,3 +149,25 @@ def test_kernel_mlp_matches_the_masked_dense_forward(group_size):
         for fast, ref in zip(module.hidden_activations(x.double()), hidden_activations(expanded, x), strict=True):
             assert fast.dtype == torch.float32
             torch.testing.assert_close(fast, ref, **TOL[torch.float32])
+
+
+def test_small_groups_keep_the_dense_kernel(monkeypatch):
+    """Below layers.MIN_GROUP parents per group the grouped kernel is slower (many tiny matmuls):
+    KernelMLP keeps the dense kernel; at or above it, the grouped one. Same function either way."""
+    import json
+
+    import fpe_cli.layers as L
+    from fpe_cli.expand import PlanInputs, Target, expand_mlp
+    from fpe_cli.model import MLP, Layer, forward
+
+    monkeypatch.setattr(L, "MIN_GROUP", 64)
+    g = torch.Generator().manual_seed(0)
+    src = MLP([Layer("0.weight", torch.randn(128, 16, generator=g), "0.bias", torch.zeros(128)),
+               Layer("2.weight", torch.randn(3, 128, generator=g), "2.bias", torch.zeros(3))])
+    x = torch.randn(4, 16, generator=g)
+    for group, kernel in ((32, "dense"), (64, "grouped"), (128, "grouped")):
+        mlp = expand_mlp(src, [Target(0, 2)], inputs=PlanInputs(group_size=group)).mlp
+        mlp.metadata["fpe.settings"] = json.dumps({"group_size": group})
+        module = L.KernelMLP(mlp)
+        assert module.kernels[0] == kernel, group
+        torch.testing.assert_close(module(x), forward(mlp, x), rtol=1e-5, atol=1e-5)

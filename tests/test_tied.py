@@ -248,3 +248,15 @@ def test_expanding_a_tied_file_again_is_refused(tmp_path):
     res = run_cli(["expand", out, "--alpha", "2", "-o", tmp_path / "again.safetensors"])
     assert_one_error_line(res, "already has tied columns")
     assert not (tmp_path / "again.safetensors").exists()
+
+
+@pytest.mark.parametrize("split, group_size", [("structured", None), ("random", 1024)])
+def test_splits_shared_by_every_parent_run_grouped(split, group_size):
+    """`structured` records no group size and `--group-size 1024` exceeds 6 parents: one group of all."""
+    src = random_mlp([12, 6, 4], seed=1)
+    res = expand_mlp(src, [Target(0, 3, split)], outgoing="tie", inputs=PlanInputs(group_size=group_size))
+    mlp = with_group_size(res.mlp, group_size)
+    module = KernelMLP(mlp)
+    assert module.kernels == ["grouped", "dense"]
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(module(x), reference_forward(mlp, x), rtol=1e-5, atol=1e-5)
