@@ -9,7 +9,7 @@ Both arms see the same total epochs, data and seeds and end with the same number
 of test accuracy over the seeds, relative gain (acc_FPE - acc_dense) / acc_dense, a paired t-test
 p-value, and fold changes (FPE / dense) of the first layer's feature capacity and non-sibling |cos|.
 
-    python benchmarks/experiments.py run experiments/*.yaml --out results --jobs 2   # the full evidence, ~27 min
+    python benchmarks/experiments.py run experiments/*.yaml --out results --jobs 2   # the full evidence, ~16 min
     python benchmarks/experiments.py run experiments/*.yaml --out results --smoke   # CI: 2 seeds, few epochs
     python benchmarks/experiments.py report results --md docs/results.md --plots docs/img
 
