@@ -309,7 +309,7 @@ def inspect_report(model: Path, layers=None, activation=None) -> dict:
         "widths": ckpt.mlp.widths, "expanded": ckpt.mlp.is_expanded,
         "chain": [{"weight": l.weight_key, "bias": l.bias_key, "shape": list(l.weight.shape),
                    "dtype": str(l.weight.dtype).replace("torch.", ""), "mask": l.mask is not None,
-                   "lineage": l.parents is not None} for l in ckpt.mlp.layers],
+                   "lineage": l.parents is not None, "tied": l.tied is not None} for l in ckpt.mlp.layers],
         "tensors": [{"name": n, "dtype": e["dtype"], "shape": e["shape"]} for n, e in sorted(header.items())],
         "unused_tensors": ckpt.unused, "metadata": meta,
     }

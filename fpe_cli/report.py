@@ -65,11 +65,11 @@ def render_inspect(doc: dict, console: Console) -> None:
     console.print(f"widths {' -> '.join(map(str, doc['widths']))}, activation {doc['activation']} ({doc['activation_source']})"
                   + (", expanded" if doc["expanded"] else ""))
     chain = Table(title="chain", title_justify="left")
-    for col in ("weight", "bias", "shape", "dtype", "mask", "lineage"):
+    for col in ("weight", "bias", "shape", "dtype", "mask", "lineage", "tied columns"):
         chain.add_column(col)
     for r in doc["chain"]:
         chain.add_row(r["weight"], r["bias"] or "-", _shape(r["shape"]), r["dtype"], "yes" if r["mask"] else "no",
-                      "yes" if r["lineage"] else "no")
+                      "yes" if r["lineage"] else "no", "yes" if r["tied"] else "no")
     console.print(chain)
     tensors = Table(title="tensors", title_justify="left")
     for col in ("name", "dtype", "shape"):
