@@ -24,6 +24,7 @@ from .errors import FPEError
 from .stfile import atomic_output
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
+MAX_CLASSES = 1_000_000  # a larger class id is a mislabelled file (and would ask for a huge output layer)
 EXPECTED = ("expected x_train (N, d) float, y_train (N,) integer labels or (N, C) 0/1 matrix, "
             "x_test (M, d) float, y_test (M,) or (M, C)")
 
@@ -72,7 +73,7 @@ def _labels_problems(key: str, y: np.ndarray, n: int) -> list[str]:
     if y.shape[:1] != (n,):
         x_key = key.replace("y_", "x_")
         problems.append(f"{key}: expected {n} labels to match {x_key} ({n} rows), found shape {y.shape}")
-    if y.ndim == 1 and not np.issubdtype(y.dtype, np.integer):
+    if y.ndim == 1 and not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):  # bool: classes 0/1
         problems.append(f"{key}: expected integer class labels (N,), found {y.dtype} "
                         "(use y.astype(np.int64); multi-label targets are a 0/1 matrix (N, C))")
     elif y.ndim == 2 and not (np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_):
@@ -83,6 +84,9 @@ def _labels_problems(key: str, y: np.ndarray, n: int) -> list[str]:
         problems.append(f"{key}: NaN or Inf labels")
     elif y.ndim == 1 and y.size and y.min() < 0:
         problems.append(f"{key}: label {int(y.min())} out of range (labels are class ids 0..C-1)")
+    elif y.ndim == 1 and y.size and int(y.max()) >= MAX_CLASSES:
+        problems.append(f"{key}: label {int(y.max())} would mean {int(y.max()) + 1} classes (labels are class ids "
+                        "0..C-1; renumber them with np.unique(y, return_inverse=True)[1])")
     elif y.ndim == 2 and not np.isin(y, (0, 1)).all():
         hint = " (class ids must be shaped (N,): use y.ravel())" if y.ndim == 2 and y.shape[1] == 1 else ""
         problems.append(f"{key}: multi-label targets must be 0 or 1, found other values{hint}")
@@ -95,9 +99,12 @@ def _input_problems(key: str, x: np.ndarray) -> list[str]:
     if not np.issubdtype(x.dtype, np.floating):
         return [f"{key}: expected float inputs (N, d), found {x.dtype} (use x.astype(np.float32))"]
     if len(x) == 0:
-        return [f"{key}: no samples (shape {x.shape})"]
+        return [f"{key}: no samples (shape {x.shape}; every split needs at least one)"]
     if not np.isfinite(x).all():
         return [f"{key}: NaN or Inf inputs (expected finite floats)"]
+    biggest = float(np.abs(x).max())
+    if biggest > float(np.finfo(np.float32).max):  # float64 inputs are used as float32: they would become Inf
+        return [f"{key}: values up to {biggest:.3g} exceed the float32 range fpe computes in (scale the inputs)"]
     return []
 
 
@@ -163,10 +170,9 @@ def load_npz(path: Path) -> Dataset:
         raise FPEError(f"{path}: no such file", "give an .npz file or a built-in: digits, dnf:vars=32,clauses=8,k=3")
     if path.is_dir():
         raise FPEError(f"{path}: is a directory, expected an .npz file")
+    _check_zip(path)  # an unreadable file is reported as such (permissions), not as a broken archive
     try:
         npz = np.load(path, allow_pickle=False)
-        if not hasattr(npz, "files"):  # a bare .npy: np.load returned one array
-            raise FPEError(f"{path}: a single .npy array, expected an .npz archive", EXPECTED)
         with npz:
             arrays = {k: npz[k] for k in npz.files}
     except ValueError as exc:
@@ -174,7 +180,8 @@ def load_npz(path: Path) -> Dataset:
             raise FPEError(f"{path}: holds object (pickled) arrays, which are refused", "save plain numeric arrays") from None
         raise FPEError(f"{path}: not a readable .npz archive ({exc})") from None
     except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise FPEError(f"{path}: not a readable .npz archive ({type(exc).__name__}: {exc})") from None
+        raise FPEError(f"{path}: not a readable .npz archive ({type(exc).__name__}: {exc})",
+                       "the file may be truncated or corrupt: write it again with np.savez") from None
     num_classes = _scalar_int(arrays.pop("num_classes", None), path)
     origin = arrays.pop("name", None)
     info = _info(arrays.pop("info", None))
@@ -183,11 +190,33 @@ def load_npz(path: Path) -> Dataset:
     return from_arrays(str(path), arrays, num_classes, info)
 
 
+def _check_zip(path: Path) -> None:
+    """An .npz is a zip archive: name what else it is (np.load calls anything unknown 'pickled data')."""
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if head.startswith(b"PK"):
+        return
+    if head.startswith(b"\x93NUMPY"):
+        kind = "a single .npy array"
+    elif not head:
+        kind = "an empty file"
+    elif head[:1] == b"\x80":
+        kind = "a pickle file, which is refused (loading it can execute code)"
+    elif all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        kind = "a text file (CSV?)"
+    else:
+        kind = "an unknown binary format"
+    raise FPEError(f"{path}: {kind}, expected an .npz archive",
+                   "save the arrays with np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)")
+
+
 def _scalar_int(value: np.ndarray | None, path: Path) -> int | None:
     if value is None:
         return None
-    if value.shape != () or not np.issubdtype(value.dtype, np.integer) or int(value) < 1:
-        raise FPEError(f"{path}: num_classes: expected a positive integer scalar, found {value.dtype} {value.shape}")
+    value = value.reshape(()) if value.size == 1 else value  # np.array([10]) is meant as 10
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer) or not 1 <= int(value) <= MAX_CLASSES:
+        shown = f"{value.dtype} {value.shape}" if value.shape != () else repr(value.item())
+        raise FPEError(f"{path}: num_classes: expected a positive integer scalar up to {MAX_CLASSES}, found {shown}")
     return int(value)
 
 

@@ -8,7 +8,6 @@ unique shape-consistent order. Anything ambiguous is an error that lists what wa
 
 from __future__ import annotations
 
-import itertools
 import re
 
 import torch
@@ -53,6 +52,7 @@ def weight_candidates(tensors: dict[str, torch.Tensor]) -> list[str]:
     # 2-D tensors named *weight are candidates whatever their dtype: an integer one is then refused by
     # name (load_checkpoint) instead of being skipped, which would silently drop a layer of the chain
     named = [k for k, v in tensors.items() if v.ndim == 2 and k.lower().endswith("weight")]
+    _refuse_hidden_weights(tensors, named)
     _refuse_flat_weights(tensors, named)
     two_d = [k for k, v in tensors.items() if v.ndim == 2 and v.is_floating_point()]
     return sorted(named or two_d, key=natural_key)
@@ -72,10 +72,48 @@ def _refuse_flat_weights(tensors: dict[str, torch.Tensor], named: list[str]) -> 
             continue
         bias = next((tensors[b] for b in bias_candidates(key) if b in tensors), None)
         if named and (_family(key) in families or (bias is not None and tuple(bias.shape) != tuple(t.shape))):
+            linear = sorted(named, key=natural_key)
+            if bias is not None and tuple(bias.shape) == tuple(t.shape) and t.ndim == 1:
+                raise FPEError(
+                    f"{key} {tuple(t.shape)}: a normalization layer (LayerNorm/BatchNorm) between the linear layers "
+                    f"{', '.join(linear[:4])}; fpe expands plain MLPs (linear layers and one activation)",
+                    "to use the linear layers alone, leaving the norm out of every output, name them: "
+                    f"--layers {','.join(linear)}",
+                )
             raise FPEError(
                 f"{key}: a {t.ndim}-D tensor {tuple(t.shape)} where a 2-D linear weight is expected "
-                f"(beside {', '.join(sorted(named, key=natural_key)[:4])})",
+                f"(beside {', '.join(linear[:4])})",
                 "fpe reads MLPs of 2-D linear weights; if the file is intact, name the linear layers with --layers",
+            )
+
+
+def _refuse_hidden_weights(tensors: dict[str, torch.Tensor], named: list[str]) -> None:
+    """Weights torch saves under other names (pruning and parametrization reparametrizations), and a
+    bias whose weight is missing (a tied weight that `safetensors.torch.save_model` stored only once):
+    discovery would silently build a chain without that layer."""
+    for key in sorted(tensors, key=natural_key):
+        if key.endswith("weight_orig") and key[: -len("orig")] + "mask" in tensors:
+            raise FPEError(
+                f"{key} and {key[:-len('orig')]}mask: a torch.nn.utils.prune reparametrization, not a plain weight",
+                "call torch.nn.utils.prune.remove(module, 'weight') on each pruned layer before saving; "
+                "pruned weights are then exact zeros, which fpe counts as missing",
+            )
+        if ".parametrizations." in key:
+            raise FPEError(
+                f"{key}: a torch parametrization (weight_norm, spectral_norm, ...), not a plain weight",
+                "call torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') before saving",
+            )
+    families = {_family(k) for k in named}
+    for key in sorted(tensors, key=natural_key):
+        if not key.endswith(".bias") or tensors[key].ndim != 1:
+            continue
+        weight = key[: -len("bias")] + "weight"
+        if weight not in tensors and _family(weight) in families:
+            raise FPEError(
+                f"{key} has no {weight} beside it: a layer of the MLP is missing from the file; "
+                "safetensors.torch.save_model stores a tied (shared) weight only once",
+                "save a state_dict with every weight, e.g. save_file({k: v.clone() for k, v in "
+                "model.state_dict().items()}, path), or name the chain with --layers",
             )
 
 
@@ -89,31 +127,110 @@ def numbered(keys: list[str]) -> bool:
     return len({re.sub(r"\d+", "#", k) for k in keys}) == 1 and all(re.search(r"\d", k) for k in keys)
 
 
+SEARCH_STEPS = 200_000  # bound on the order searches below (many equal square layers branch a lot)
+
+
+class _Budget(Exception):
+    pass
+
+
+def _paths(keys: list[str], tensors: dict[str, torch.Tensor], *, complete: bool, by_family: bool,
+           limit: int = 2) -> list[list[str]] | None:
+    """Chaining orders found by depth-first search: with `complete`, orders of all keys (at most `limit`);
+    otherwise every longest chain of distinct keys. `by_family`: keys whose names differ only in their
+    numbers keep their natural order (`hidden.0` before `hidden.1`), the author's order. None: the
+    search ran out of steps."""
+    families: dict[str, list[str]] = {}
+    for k in keys:  # keys come in natural order
+        families.setdefault(_family(k), []).append(k)
+    steps, found, best = [0], [], [0]
+
+    def options(path: list[str], left: set[str]) -> list[str]:
+        if by_family:
+            heads = [next((k for k in fam if k in left), None) for fam in families.values()]
+            cands = [k for k in heads if k is not None]
+        else:
+            cands = [k for k in keys if k in left]
+        return [k for k in cands if not path or tensors[path[-1]].shape[0] == tensors[k].shape[1]]
+
+    def walk(path: list[str], left: set[str]) -> None:
+        steps[0] += 1
+        if steps[0] > SEARCH_STEPS:
+            raise _Budget
+        nxt = options(path, left)
+        if complete and not left:
+            found.append(list(path))
+        if not complete and not nxt and len(path) >= best[0]:
+            found[:] = ([] if len(path) > best[0] else found) + [list(path)]
+            best[0] = len(path)
+        for k in nxt:
+            if complete and len(found) >= limit:
+                return
+            walk(path + [k], left - {k})
+
+    try:
+        walk([], set(keys))
+    except _Budget:
+        return None  # too many branches to tell
+    return found
+
+
+def _may_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> bool:
+    """Quick necessary condition: a chain is a trail through the widths (each layer an edge in -> out),
+    so every width but the first and last is entered as often as it is left."""
+    balance: dict[int, int] = {}
+    for k in keys:
+        d_out, d_in = (int(s) for s in tensors[k].shape)
+        balance[d_in] = balance.get(d_in, 0) + 1
+        balance[d_out] = balance.get(d_out, 0) - 1
+    off = sorted(v for v in balance.values() if v)
+    return off in ([], [-1, 1])
+
+
+def suggest_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> str:
+    """`--layers a,b,c` for the unique longest chain among `keys`, or '' when there is none."""
+    longest = _paths(keys, tensors, complete=False, by_family=False)
+    if longest is not None and len(longest) == 1 and len(longest[0]) >= 2:
+        return ", e.g. --layers " + ",".join(longest[0])
+    return ""
+
+
 def order_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Numbered names in natural order if they chain; else the unique order that chains; else an error."""
+    """Numbered names in natural order if they chain; else the unique order that chains (ties broken by
+    keeping each numbered family in natural order); else an error."""
     if _chains(keys, tensors) and (len(keys) == 1 or numbered(keys)):
         return keys
     transposed = not _chains(keys, tensors) and all(tensors[a].shape[1] == tensors[b].shape[0] for a, b in zip(keys, keys[1:]))
-    if transposed:
-        raise FPEError(
-            f"weights look stored as (in, out): {_describe({k: tensors[k] for k in keys})}",
-            "fpe expects torch's nn.Linear layout (out, in); save W.T, or name the layers with --layers",
-        )
-    found = []
-    if len(keys) <= 8:
-        found = [list(p) for p in itertools.permutations(keys) if _chains(list(p), tensors)]
-    if len(found) == 1:
+    # torch names its (out, in) weights `*.weight`; words (`proj`, `fc`, `classifier`) sort in no
+    # particular order, so a reversed-looking sort says nothing there: search the shapes instead
+    if transposed and (numbered(keys) or not all(k.lower().endswith("weight") for k in keys)):
+        raise _transposed(keys, tensors)
+    found = _paths(keys, tensors, complete=True, by_family=False) if _may_chain(keys, tensors) else []
+    if found is None or len(found) > 1:
+        by_family = _paths(keys, tensors, complete=True, by_family=True)
+        if by_family is not None and len(by_family) == 1:
+            return by_family[0]
+    if found is not None and len(found) == 1:
         return found[0]
-    if len(keys) <= 8 and not found:
+    if found == [] and transposed:
+        raise _transposed(keys, tensors)
+    if found == []:
         raise FPEError(
             f"the 2-D weights do not chain in any order (each layer's inputs must equal the previous layer's "
             f"outputs): {_describe({k: tensors[k] for k in keys})}",
-            "check the checkpoint, or name the chain's weights in order with --layers",
+            "check the checkpoint, or name the chain's weights in order with --layers" + suggest_chain(keys, tensors),
         )
-    several = f" ({len(found)} orders fit the shapes)" if len(found) > 1 else ""
+    several = f" (several orders fit the shapes: {' / '.join(','.join(o) for o in found)})" if found else ""
     raise FPEError(
         f"cannot tell the layer order from names and shapes{several}: {_describe({k: tensors[k] for k in keys})}",
         "name the weights in order, e.g. --layers fc1.weight,fc2.weight",
+    )
+
+
+def _transposed(keys: list[str], tensors: dict[str, torch.Tensor]) -> FPEError:
+    return FPEError(
+        f"weights look stored as (in, out): {_describe({k: tensors[k] for k in keys})}",
+        "fpe expects torch's nn.Linear layout (out, in); save W.T, or name the layers with --layers",
     )
 
 

@@ -116,7 +116,8 @@ def activation_fn(name: str):
         return ACTIVATIONS[name]
     except KeyError:
         raise FPEError(
-            f"unknown activation '{name}'", f"choose one of: {', '.join(sorted(ACTIVATIONS))}"
+            f"unknown activation '{name}'",
+            f"choose one of: {', '.join(sorted(ACTIVATIONS))}; --activation overrides one recorded in the file's metadata",
         ) from None
 
 

@@ -91,6 +91,10 @@ def select_targets(mlp: MLP, selection: Selection, alpha: int | None, split: str
     """Hidden layers to expand, each with its alpha and split."""
     hidden = [(i, (layer.prefix, layer.weight_key)) for i, layer in enumerate(mlp.layers[:-1])]
     hidden_names = ", ".join(names[0] for _, names in hidden)
+    if not hidden:
+        only = mlp.layers[0]
+        raise FPEError(f"the MLP is a single linear layer ({only.weight_key} {tuple(only.weight.shape)}): it has no "
+                       "hidden layer to expand", "fpe expand widens the hidden layers of a chain of two or more linear layers")
     for entry in selection.targets:
         if not any(pattern_matches(entry["match"], names) for _, names in hidden):
             raise FPEError(f"target {entry['match']!r} matches no hidden layer", f"hidden layers: {hidden_names}")

@@ -6,14 +6,16 @@ work; only rank 0 writes files (the trained weights are identical on every rank)
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 from .checkpoint import check_finite, load_checkpoint, save_checkpoint
 from .data import Dataset, check_input_width, check_output_width, load_dataset, write_clause_map, write_dataset_npz
 from .distributed import context
-from .errors import FPEError
+from .errors import FPEError, VerificationError
 from .stfile import check_writable
 from .train import Callback, TrainConfig, evaluate, finetune, train_dense
 from .verify import model_counts
@@ -57,6 +59,11 @@ def data_inputs(data: str) -> tuple[Path, ...]:
     return (path,) if path.exists() else ()
 
 
+def check_checkpoint_every(every: int) -> None:
+    if every < 0:
+        raise FPEError(f"--checkpoint-every must be >= 0 (0: no resume state), got {every}", "e.g. --checkpoint-every 5")
+
+
 def check_run_outputs(output: Path, state: Path, inputs: tuple[Path, ...], force: bool, resume: bool) -> None:
     """Refuse outputs that would overwrite an input: the output itself and the resume state beside it."""
     check_writable(output, force=force, inputs=inputs)
@@ -67,6 +74,19 @@ def check_run_outputs(output: Path, state: Path, inputs: tuple[Path, ...], force
     if state.exists() and not resume and not force:
         raise FPEError(f"{state}: a resume state of an earlier run exists",
                        "pass --resume to continue it, or --force to start over")
+
+
+@contextlib.contextmanager
+def _no_state_after_failed_checks(state: Path, checkpoint_every: int) -> Iterator[None]:
+    """Training that fails its final checks (diverged to NaN, a weight off its mask) writes no output,
+    and the resume state it saved holds those same weights: resuming it cannot succeed, and leaving it
+    would make the next run stop at 'a resume state exists'. Interruptions keep the state."""
+    try:
+        yield
+    except VerificationError:
+        if checkpoint_every and context().is_main:
+            state.unlink(missing_ok=True)
+        raise
 
 
 def _finish(output: Path, state: Path, checkpoint_every: int) -> None:
@@ -96,12 +116,14 @@ def data_file(spec: str, output: Path, clause_map: Path | None, force: bool) -> 
 
 def train_file(data: str, hidden: list[int], activation: str, cfg: TrainConfig, output: Path | None, force: bool,
                checkpoint_every: int = 0, resume: bool = False, callback: Callback = None) -> dict:
+    check_checkpoint_every(checkpoint_every)
     dataset = load_dataset(data)
     output = output or Path(f"{data_stem(data)}_mlp.safetensors")
     state = state_path_for(output)
     check_run_outputs(output, state, data_inputs(data), force, resume)
-    mlp, metrics = train_dense(dataset, hidden, activation=activation, **asdict(cfg), callback=callback,
-                               checkpoint_every=checkpoint_every, state_path=state, resume=resume)
+    with _no_state_after_failed_checks(state, checkpoint_every):
+        mlp, metrics = train_dense(dataset, hidden, activation=activation, **asdict(cfg), callback=callback,
+                                   checkpoint_every=checkpoint_every, state_path=state, resume=resume)
     settings = {"hidden": hidden, "activation": activation, **asdict(cfg), "world_size": metrics["world_size"]}
     meta = {"fpe.train.settings": json.dumps(settings, sort_keys=True),
             "fpe.train.data": json.dumps(_data_record(dataset), sort_keys=True),
@@ -120,14 +142,16 @@ def default_finetune_output(model: Path) -> Path:
 def finetune_file(model: Path, data: str, cfg: TrainConfig, output: Path | None, force: bool, checkpoint_every: int = 0,
                   resume: bool = False, callback: Callback = None, layers: list[str] | None = None,
                   activation: str | None = None) -> dict:
+    check_checkpoint_every(checkpoint_every)
     ckpt = load_checkpoint(model, layers, activation)
     check_finite(ckpt.mlp)
     dataset = load_dataset(data)
     output = output or default_finetune_output(model)
     state = state_path_for(output)
     check_run_outputs(output, state, (model, *data_inputs(data)), force, resume)
-    tuned, metrics = finetune(ckpt.mlp, dataset, **asdict(cfg), checkpoint_every=checkpoint_every,
-                              state_path=state, resume=resume, callback=callback)
+    with _no_state_after_failed_checks(state, checkpoint_every):
+        tuned, metrics = finetune(ckpt.mlp, dataset, **asdict(cfg), checkpoint_every=checkpoint_every,
+                                  state_path=state, resume=resume, callback=callback)
     settings = {**asdict(cfg), "masks_locked": tuned.has_masks, "world_size": metrics["world_size"]}
     meta = {"fpe.finetune.settings": json.dumps(settings, sort_keys=True),
             "fpe.finetune.data": json.dumps(_data_record(dataset), sort_keys=True),

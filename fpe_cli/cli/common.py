@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -15,7 +16,7 @@ import typer
 from rich.console import Console
 
 from .. import __version__
-from ..errors import EXIT_RUNTIME, FPEError
+from ..errors import EXIT_BAD_INPUT, EXIT_RUNTIME, FPEError
 
 app = typer.Typer(
     name="fpe",
@@ -86,6 +87,22 @@ def report_error(exc: FPEError) -> None:
         traceback.print_exc()
 
 
+BAD_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ELOOP,
+                   errno.ENAMETOOLONG, errno.EROFS}
+
+
+def os_error_message(exc: OSError) -> tuple[int, str]:
+    """(exit code, message) for an OSError: a path the user gave that cannot be used is bad input (2);
+    anything else (disk full, I/O error) a runtime failure (1)."""
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    text = f"{where}{exc.strerror or exc}"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return EXIT_BAD_INPUT, f"{text} (check the permissions of the file and its directory)"
+    if exc.errno in BAD_PATH_ERRNOS:
+        return EXIT_BAD_INPUT, f"{text} (check the path)"
+    return EXIT_RUNTIME, text
+
+
 def handle_errors(func: Callable) -> Callable:
     """Map the tool's errors to one `Error:` line on stderr and the documented exit code."""
 
@@ -104,6 +121,12 @@ def handle_errors(func: Callable) -> Callable:
         except MemoryError:
             print("Error: out of memory (try a smaller model or batch size)", file=sys.stderr)
             raise typer.Exit(EXIT_RUNTIME) from None
+        except OSError as exc:  # a file that cannot be read or written: one line naming it, no traceback
+            code, message = os_error_message(exc)
+            print(f"Error: {message}", file=sys.stderr)
+            if os.environ.get("FPE_DEBUG") == "1":
+                traceback.print_exc()
+            raise typer.Exit(code) from None
         except Exception as exc:  # noqa: BLE001 - last resort: still one line, traceback on demand
             print(f"Error: internal error: {type(exc).__name__}: {exc} (rerun with FPE_DEBUG=1 for a traceback)",
                   file=sys.stderr)

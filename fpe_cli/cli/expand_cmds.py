@@ -62,6 +62,8 @@ def expand(
     Example:  fpe expand model.safetensors --alpha 4 --split random --seed 0 -o model.fpe4.safetensors
     """
     alpha = _parse_alpha(alpha)
+    if layout not in ("packed", "dense"):  # before the work, not when writing (plain cannot hold masks)
+        raise FPEError(f"unknown layout {layout!r} for an expanded model", "choose one of: packed, dense")
     opts = ExpandOptions(model, alpha, split, seed, outgoing, _split_list(targets), _split_list(ignore), recipe, plan,
                          save_plan, clause_map, clusters, group_size, layout, output, force, parse_layers(layers), activation, data)
     opts.expand_top = expand_top

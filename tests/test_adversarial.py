@@ -1,0 +1,221 @@
+"""Checkpoints, data sets and broken files written the way users' own code writes them (adversarial QA)."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file, save_model
+from torch import nn
+from torch.nn.utils import prune
+
+from conftest import assert_one_error_line, listing, run_cli
+
+
+def _ok(args) -> dict | None:
+    res = run_cli([*args, "--json"])
+    assert res.exit_code == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def _chain(path) -> list[str]:
+    return [c["weight"] for c in _ok(["inspect", path])["chain"]]
+
+
+# ---------------------------------------------------------------- chains found from names and shapes
+
+
+class ProjHead(nn.Module):
+    """Word names whose alphabetical order (classifier, fc, proj) looks like (in, out) weights."""
+
+    def __init__(self, h=16):
+        super().__init__()
+        self.proj, self.fc, self.classifier = nn.Linear(12, h), nn.Linear(h, 8), nn.Linear(8, 3)
+
+
+class InHiddenOut(nn.Module):
+    """input layer, a list of equal square hidden layers, output layer: shapes alone allow many orders."""
+
+    def __init__(self, h=8, n=3):
+        super().__init__()
+        self.input_layer = nn.Linear(6, h)
+        self.hidden = nn.ModuleList([nn.Linear(h, h) for _ in range(n)])
+        self.output_layer = nn.Linear(h, 3)
+
+
+def test_word_names_that_sort_like_transposed_weights_find_their_chain(tmp_path):
+    torch.manual_seed(0)
+    src = tmp_path / "m.safetensors"
+    save_file(ProjHead().state_dict(), str(src))
+    assert _chain(src) == ["proj.weight", "fc.weight", "classifier.weight"]
+    out = tmp_path / "d.safetensors"
+    doc = _ok(["expand", src, "--alpha", "2", "--layout", "dense", "-o", out])
+    assert doc["hidden_widths_after"] == [32, 16] and doc["budget_holds"]
+    wide = ProjHead(h=32)
+    wide.fc = nn.Linear(32, 16)
+    wide.classifier = nn.Linear(16, 3)
+    wide.load_state_dict({k: v for k, v in load_file(str(out)).items() if not k.startswith("fpe.")})
+
+
+def test_numbered_family_keeps_its_order_among_word_names(tmp_path):
+    torch.manual_seed(0)
+    for n in (3, 9):  # 9 hidden layers: 11 weights, more than an exhaustive search of orders allows
+        src = tmp_path / f"m{n}.safetensors"
+        save_file(InHiddenOut(n=n).state_dict(), str(src))
+        assert _chain(src) == ["input_layer.weight", *[f"hidden.{i}.weight" for i in range(n)], "output_layer.weight"]
+
+
+def test_equal_square_word_layers_stay_ambiguous_and_show_the_orders(tmp_path):
+    sd = {"a_in.weight": torch.randn(4, 4), "b_mid.weight": torch.randn(4, 4), "c_out.weight": torch.randn(4, 4)}
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    assert_one_error_line(run_cli(["inspect", tmp_path / "m.safetensors"]), "cannot tell the layer order",
+                          "several orders fit", "--layers")
+
+
+def test_keras_kernels_are_still_named_as_in_out(tmp_path):
+    sd = {"dense.kernel": torch.randn(8, 10), "dense.bias": torch.randn(10), "dense_1.kernel": torch.randn(10, 3)}
+    save_file(sd, str(tmp_path / "k.safetensors"))
+    assert_one_error_line(run_cli(["params", tmp_path / "k.safetensors"]), "(in, out)")
+
+
+def test_an_embedding_beside_the_mlp_gets_a_layers_suggestion(tmp_path):
+    class Emb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.fc1, self.fc2 = nn.Embedding(20, 8), nn.Linear(8, 12), nn.Linear(12, 4)
+
+    save_file(Emb().state_dict(), str(tmp_path / "m.safetensors"))
+    assert_one_error_line(run_cli(["inspect", tmp_path / "m.safetensors"]), "do not chain",
+                          "--layers fc1.weight,fc2.weight")
+
+
+def test_norm_inside_a_sequential_is_named_and_the_suggested_layers_work(tmp_path):
+    torch.manual_seed(0)
+    src = tmp_path / "m.safetensors"
+    save_file(nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).state_dict(), str(src))
+    line = assert_one_error_line(run_cli(["expand", src, "--alpha", "2"]), "normalization layer", "1.weight")
+    assert line.endswith("--layers 0.weight,3.weight)")
+    assert _ok(["expand", src, "--alpha", "2", "--layers", "0.weight,3.weight", "-o", tmp_path / "o.safetensors"])
+
+
+# ---------------------------------------------------------------- layers torch saves under other names
+
+
+class FC(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+
+def test_tied_weight_from_save_model_is_not_silently_dropped(tmp_path):
+    model = FC()
+    model.fc2.weight = model.fc1.weight
+    save_model(model, str(tmp_path / "tied.safetensors"))  # stores fc1.weight once; fc2.bias stays
+    before = listing(tmp_path)
+    for cmd in (["inspect"], ["params"], ["expand", "--alpha", "2"]):
+        assert_one_error_line(run_cli([cmd[0], tmp_path / "tied.safetensors", *cmd[1:]]), "fc2.bias has no fc2.weight",
+                              "save_model")
+    assert listing(tmp_path) == before
+
+
+def test_pruning_and_weight_norm_reparametrizations_get_a_fix(tmp_path):
+    model = FC()
+    prune.l1_unstructured(model.fc1, "weight", 0.5)
+    save_file(model.state_dict(), str(tmp_path / "pruned.safetensors"))
+    assert_one_error_line(run_cli(["params", tmp_path / "pruned.safetensors"]), "fc1.weight_orig", "prune.remove")
+    model = FC()
+    model.fc2 = torch.nn.utils.parametrizations.weight_norm(model.fc2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "wn.safetensors"))
+    assert_one_error_line(run_cli(["params", tmp_path / "wn.safetensors"]), "parametrization", "remove_parametrizations")
+
+
+def test_single_linear_layer_says_so(tmp_path):
+    save_file(nn.Linear(8, 3).state_dict(), str(tmp_path / "lin.safetensors"))
+    assert_one_error_line(run_cli(["expand", tmp_path / "lin.safetensors", "--alpha", "2"]), "single linear layer",
+                          "weight (3, 8)")
+
+
+def test_unknown_layout_is_refused_before_expanding(tmp_path):
+    save_file(FC().state_dict(), str(tmp_path / "m.safetensors"))
+    assert_one_error_line(run_cli(["expand", tmp_path / "m.safetensors", "--alpha", "2", "--layout", "plain"]),
+                          "unknown layout 'plain'", "packed, dense")
+
+
+# ---------------------------------------------------------------- data sets as users write them
+
+
+@pytest.fixture
+def model6(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    save_file(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).state_dict(), str(path))
+    return path
+
+
+def _xy(n=30, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x, (x[:, 0] > 0)
+
+
+def test_boolean_class_labels_are_classes_0_and_1(tmp_path, model6):
+    x, y = _xy()
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    doc = _ok(["evaluate", model6, "--data", tmp_path / "d.npz"])
+    assert doc["data"]["outputs"] == 2 and not doc["data"]["multilabel"]
+
+
+@pytest.mark.parametrize("name, writer, needles", [
+    ("data.csv", lambda p, x, y: np.savetxt(p, np.c_[x, y], delimiter=","), ["text file (CSV?)", "np.savez"]),
+    ("data.npz", lambda p, x, y: p.write_bytes(b""), ["empty file"]),
+    ("x.npy", lambda p, x, y: np.save(p, x), ["single .npy array"]),
+    ("big.npz", lambda p, x, y: np.savez(p, x_train=x, y_train=np.full(len(x), 2**40), x_test=x, y_test=y.astype(int)),
+     ["label 1099511627776", "np.unique"]),
+    ("f64.npz", lambda p, x, y: np.savez(p, x_train=x.astype(np.float64) * 1e300, y_train=y, x_test=x, y_test=y),
+     ["exceed the float32 range"]),
+])
+def test_data_files_users_write_by_mistake(tmp_path, model6, name, writer, needles):
+    x, y = _xy()
+    writer(tmp_path / name, x, y)
+    path = tmp_path / name if (tmp_path / name).exists() else tmp_path / (name + ".npy")
+    before = listing(tmp_path)
+    for cmd in (["evaluate", model6, "--data", path, "--json"], ["train", "--data", path, "--hidden", "4", "--json"]):
+        assert_one_error_line(run_cli(cmd), *needles)
+    assert listing(tmp_path) == before
+
+
+def test_num_classes_saved_as_a_one_element_array(tmp_path, model6):
+    x, y = _xy()
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y.astype(int), x_test=x, y_test=y.astype(int), num_classes=np.array([3]))
+    assert _ok(["evaluate", model6, "--data", tmp_path / "d.npz"])["data"]["outputs"] == 3
+
+
+# ---------------------------------------------------------------- files that cannot be read, runs that fail
+
+
+def test_unreadable_files_are_bad_input_not_internal_errors(tmp_path, model6, monkeypatch):
+    x, y = _xy()
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+
+    def denied(file, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(file))
+
+    monkeypatch.setattr("fpe_cli.stfile.open", denied, raising=False)  # root ignores chmod 000
+    assert_one_error_line(run_cli(["params", model6]), "m.safetensors: permission denied", "permissions")
+    monkeypatch.undo()
+    monkeypatch.setattr("fpe_cli.data.open", denied, raising=False)
+    assert_one_error_line(run_cli(["evaluate", model6, "--data", tmp_path / "d.npz"]), "d.npz: permission denied")
+
+
+def test_diverged_finetune_leaves_no_resume_state(tmp_path, model6):
+    x, y = _xy(64)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    before = listing(tmp_path)
+    args = ["--data", tmp_path / "d.npz", "--epochs", "2", "--lr", "1e38", "--optimizer", "sgd", "-o", tmp_path / "o.safetensors"]
+    assert_one_error_line(run_cli(["finetune", model6, *args]), "diverged", code=3)
+    assert listing(tmp_path) == before  # no OUT.resume.safetensors that would block the next run
+    assert_one_error_line(run_cli(["finetune", model6, *args[:-2], "--checkpoint-every", "-1", "-o", tmp_path / "o.safetensors"]),
+                          "--checkpoint-every must be >= 0")
