@@ -27,9 +27,10 @@ def natural_key(name: str) -> list:
 def bias_candidates(weight_key: str) -> list[str]:
     """Names a bias of this weight is commonly saved under."""
     out = []
-    for old, new in (("weight", "bias"), ("kernel", "bias")):
-        if weight_key.endswith(old):
-            out.append(weight_key[: -len(old)] + new)
+    for old, new in (("weights", "biases"), ("weight", "bias"), ("kernel", "bias")):  # `weights.0` -> `biases.0`
+        at = weight_key.rfind(old)
+        if at >= 0 and weight_key[:at] + new + weight_key[at + len(old):] not in out:
+            out.append(weight_key[:at] + new + weight_key[at + len(old):])
     m = re.fullmatch(r"(.*?)([Ww])(_?\d*)", weight_key)
     if m:
         out.append(f"{m.group(1)}b{m.group(3)}")
@@ -55,7 +56,8 @@ def weight_candidates(tensors: dict[str, torch.Tensor]) -> list[str]:
     _refuse_hidden_weights(tensors, named)
     _refuse_flat_weights(tensors, named)
     two_d = [k for k, v in tensors.items() if v.ndim == 2 and v.is_floating_point()]
-    return sorted(named or two_d, key=natural_key)
+    biases = {b for k in two_d for b in bias_candidates(k) if b != k}  # `b1` (1, 8) beside `W1` is no layer
+    return sorted(named or [k for k in two_d if k not in biases], key=natural_key)
 
 
 def _family(name: str) -> str:
@@ -127,7 +129,7 @@ def numbered(keys: list[str]) -> bool:
     return len({re.sub(r"\d+", "#", k) for k in keys}) == 1 and all(re.search(r"\d", k) for k in keys)
 
 
-SEARCH_STEPS = 200_000  # bound on the order searches below (many equal square layers branch a lot)
+SEARCH_STEPS = 50_000  # bound on the order searches below (many equal square layers branch a lot)
 
 
 class _Budget(Exception):
@@ -278,5 +280,9 @@ def _make_layer(key: str, tensors: dict[str, torch.Tensor]) -> Layer:
         raise FPEError(f"{key}: expected a 2-D weight, found shape {tuple(weight.shape)}")
     for cand in bias_candidates(key):
         if cand in tensors:
-            return Layer(weight_key=key, weight=weight, bias_key=cand, bias=tensors[cand])
+            bias = tensors[cand]
+            if bias.ndim != 1 and bias.numel() == weight.shape[0]:
+                raise FPEError(f"{cand}: a bias of shape {tuple(bias.shape)}; fpe reads biases 1-D ({weight.shape[0]},) "
+                               f"like nn.Linear's", "save it as a 1-D tensor, e.g. b.reshape(-1)")
+            return Layer(weight_key=key, weight=weight, bias_key=cand, bias=bias)
     return Layer(weight_key=key, weight=weight)

@@ -219,3 +219,17 @@ def test_diverged_finetune_leaves_no_resume_state(tmp_path, model6):
     assert listing(tmp_path) == before  # no OUT.resume.safetensors that would block the next run
     assert_one_error_line(run_cli(["finetune", model6, *args[:-2], "--checkpoint-every", "-1", "-o", tmp_path / "o.safetensors"]),
                           "--checkpoint-every must be >= 0")
+
+
+def test_biases_beside_weights_n_and_2d_biases(tmp_path):
+    g = np.random.default_rng(0)
+    w1, w2 = g.normal(size=(8, 6)).astype(np.float32), g.normal(size=(3, 8)).astype(np.float32)
+    b1, b2 = np.ones(8, np.float32), np.ones(3, np.float32)
+    save_file({"weights.0": torch.from_numpy(w1), "biases.0": torch.from_numpy(b1), "weights.1": torch.from_numpy(w2),
+               "biases.1": torch.from_numpy(b2)}, str(tmp_path / "wb.safetensors"))
+    doc = _ok(["inspect", tmp_path / "wb.safetensors"])
+    assert [(c["weight"], c["bias"]) for c in doc["chain"]] == [("weights.0", "biases.0"), ("weights.1", "biases.1")]
+    assert doc["unused_tensors"] == []  # the biases were silently left out of the network before
+    save_file({"W1": torch.from_numpy(w1), "b1": torch.from_numpy(b1[None]), "W2": torch.from_numpy(w2),
+               "b2": torch.from_numpy(b2[None])}, str(tmp_path / "row.safetensors"))
+    assert_one_error_line(run_cli(["params", tmp_path / "row.safetensors"]), "b1: a bias of shape (1, 8)", "reshape(-1)")
