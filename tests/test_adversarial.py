@@ -233,3 +233,13 @@ def test_biases_beside_weights_n_and_2d_biases(tmp_path):
     save_file({"W1": torch.from_numpy(w1), "b1": torch.from_numpy(b1[None]), "W2": torch.from_numpy(w2),
                "b2": torch.from_numpy(b2[None])}, str(tmp_path / "row.safetensors"))
     assert_one_error_line(run_cli(["params", tmp_path / "row.safetensors"]), "b1: a bias of shape (1, 8)", "reshape(-1)")
+
+
+def test_fpe_data_never_overwrites_its_input_npz(tmp_path):
+    x, y = _xy()
+    np.savez(tmp_path / "d.npz", x_train=x.astype(np.float64), y_train=y, x_test=x, y_test=y)
+    before = (tmp_path / "d.npz").read_bytes()
+    assert_one_error_line(run_cli(["data", tmp_path / "d.npz", "-o", tmp_path / "d.npz", "--force"]), "is the input file")
+    assert_one_error_line(run_cli(["data", "dnf:vars=8,clauses=2,k=3", "-o", tmp_path / "o.npz", "--clause-map",
+                                   tmp_path / "o.npz"]), "o.npz")
+    assert (tmp_path / "d.npz").read_bytes() == before and not (tmp_path / "o.npz").exists()
