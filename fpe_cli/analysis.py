@@ -312,9 +312,10 @@ def lineage(dense: LayerAnalysis, expanded: LayerAnalysis) -> torch.Tensor:
             raise FPEError(f"{expanded.key}: {expanded.shape[0]} neurons, no lineage, but the dense layer has {dense.shape[0]}",
                            "give the dense model first and a file written by fpe expand second")
         return torch.arange(dense.shape[0])
-    if parents.numel() and int(parents.max()) >= dense.shape[0]:
-        raise FPEError(f"{expanded.key}: lineage names parent {int(parents.max())} but the dense layer has {dense.shape[0]} neurons",
-                       "the second model must be expanded from the first")
+    n_parents = int(parents.max()) + 1 if parents.numel() else 0
+    if n_parents != dense.shape[0]:
+        raise FPEError(f"{expanded.key}: its lineage has {n_parents} parent neurons but the dense layer {dense.key} has "
+                       f"{dense.shape[0]}", "the second model must be expanded from the first")
     return parents
 
 

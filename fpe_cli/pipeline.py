@@ -19,7 +19,7 @@ from .checkpoint import (Checkpoint, check_finite, load_checkpoint, load_plan, m
 from .errors import FPEError, VerificationError
 from .expand import ExpandResult, PlanInputs, expand_mlp, function_drift
 from .recipe import load_clause_map, load_recipe, parse_selection, select_targets
-from .stfile import check_writable, sha256_file
+from .stfile import check_writable, read_header, sha256_file
 from .verify import check_invariants, check_off_mask_zero, model_counts
 
 PRUNE_RULE = "global-magnitude; ties: earlier layer, then row-major"
@@ -251,7 +251,15 @@ def verify_file(model: Path, source: Path | None = None, layers=None, activation
     """Check every invariant; raises VerificationError (exit 3) listing the violations."""
     ckpt = load_checkpoint(model, layers, activation)
     # the source is read with the expanded file's chain, so names that needed --layers work for both
-    src = load_checkpoint(source, [layer.weight_key for layer in ckpt.mlp.layers], activation) if source else None
+    src = None
+    if source:
+        names = [layer.weight_key for layer in ckpt.mlp.layers]
+        header, _, _ = read_header(Path(source))
+        missing = [k for k in names if k not in header and f"fpe.values:{k}" not in header]
+        if missing:
+            raise VerificationError([f"source {source}: it has no {', '.join(missing[:4])} (the expanded file's layers), "
+                                     "so it is not the file that was expanded"])
+        src = load_checkpoint(source, names, activation)
     budget = recorded_budget(ckpt.metadata)
     problems = check_invariants(ckpt.mlp, budget, src.mlp if src else None,
                                 src.sha256 if src else None, ckpt.metadata.get("fpe.source_sha256"))
@@ -294,8 +302,6 @@ def _bytes_of(ckpt: Checkpoint, layer) -> int:
 
 def inspect_report(model: Path, layers=None, activation=None) -> dict:
     ckpt = load_checkpoint(model, layers, activation)
-    from .stfile import read_header
-
     header, _, _ = read_header(model)
     meta = {}
     for k, v in ckpt.metadata.items():

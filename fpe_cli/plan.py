@@ -21,6 +21,7 @@ edge); only the `top` most polysemantic parents get alpha children.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,8 @@ def check_alpha(alpha: int, support: torch.Tensor, key: str) -> None:
         raise FPEError(
             f"{key}: alpha {alpha} is larger than parent {i}'s {int(counts[i])} edges "
             f"({short.numel()} parent(s) affected), which would leave a child empty",
-            "lower --alpha or leave this layer out with --ignore",
+            "expand only the neurons that have enough edges with --expand-top N, lower --alpha, "
+            "or leave this layer out with --ignore",
         )
 
 
@@ -113,11 +115,13 @@ def plan_random_grouped(support: torch.Tensor, alpha: int, group_size: int, gene
     return child
 
 
-def _check_no_empty_child(child: torch.Tensor, alpha: int, key: str) -> None:
+def _check_no_empty_child(child: torch.Tensor, alpha: int, key: str, rows: torch.Tensor | None = None) -> None:
+    """Every child of the parents in `rows` (bool (h,); None = all) owns an edge."""
     per_child = torch.zeros(child.shape[0], alpha, dtype=torch.int64)
     c = child.to(torch.int64)
     per_child.scatter_add_(1, c.clamp(min=0), (c >= 0).to(torch.int64))
-    empty = (per_child == 0).any(dim=1).nonzero().flatten()
+    short = (per_child == 0).any(dim=1)
+    empty = (short if rows is None else short & rows).nonzero().flatten()
     if empty.numel():
         raise FPEError(f"{key}: the shared split leaves a child of parent {int(empty[0])} without edges "
                        f"({empty.numel()} parent(s))", "use --split random without --group-size for sparse layers")
@@ -196,13 +200,21 @@ def gram_clusters(weight: torch.Tensor, n_clusters: int, generator: torch.Genera
     return assign
 
 
-def top_parents(weight: torch.Tensor, support: torch.Tensor, top: float) -> torch.Tensor:
-    """bool (h,): the `top` most polysemantic parents (a count >= 1, or a fraction in (0, 1))."""
+def top_parents(weight: torch.Tensor, support: torch.Tensor, top: float, alpha: int = 1) -> torch.Tensor:
+    """bool (h,): the `top` most polysemantic parents (a count >= 1, or a fraction in (0, 1)).
+
+    Parents with fewer than `alpha` edges (dead or pruned neurons) cannot be split and are never chosen.
+    """
     h = weight.shape[0]
     k = int(top) if top >= 1 else max(1, round(top * h))
     if k < 1 or k > h:
-        raise FPEError(f"--expand-top {top} selects {k} of {h} neurons", f"give a count in 1..{h} or a fraction in (0, 1)")
+        raise FPEError(f"--expand-top {top:g} selects {k} of {h} neurons", f"give a count in 1..{h} or a fraction in (0, 1)")
+    splittable = support.sum(dim=1) >= alpha
+    if k > int(splittable.sum()):
+        raise FPEError(f"--expand-top {top:g} selects {k} neurons, but only {int(splittable.sum())} of {h} have at "
+                       f"least alpha={alpha} input edges", f"select at most {int(splittable.sum())} neurons")
     score = polysemanticity(weight * support).nan_to_num(1.0)  # the score `fpe analyze` reports; empty row -> 1
+    score = torch.where(splittable, score, -math.inf)
     chosen = torch.zeros(h, dtype=torch.bool)
     chosen[torch.argsort(score, descending=True, stable=True)[:k]] = True
     return chosen
@@ -234,14 +246,16 @@ def plan_layer(weight: torch.Tensor, support: torch.Tensor, alpha: int, split: s
                clusters: int | None = None, group_size: int | None = None,
                inputs: torch.Tensor | None = None, top: float | None = None) -> LayerPlan:
     """Plan one producer layer with the named strategy (optionally only for the top parents)."""
-    check_alpha(alpha, support, key)
+    check_alpha(alpha, support[:0], key)  # the value of alpha; which parents must have enough edges: below
+    chosen = top_parents(weight, support, top, alpha) if top is not None else None
+    check_alpha(alpha, support if chosen is None else support[chosen], key)
     plan = _plan_all(weight, support, alpha, split, key=key, generator=generator, groups=groups,
                      clusters=clusters, group_size=group_size, inputs=inputs)
-    if top is None:
-        return plan
-    chosen = top_parents(weight, support, top)
-    plan.child[~chosen] = torch.where(support[~chosen], 0, -1).to(torch.int16)  # one child owns every edge
-    plan.children = torch.where(chosen, alpha, 1).to(torch.int64)
+    if chosen is not None:
+        plan.child[~chosen] = torch.where(support[~chosen], 0, -1).to(torch.int16)  # one child owns every edge
+        plan.children = torch.where(chosen, alpha, 1).to(torch.int64)
+    if split == "random" and group_size:
+        _check_no_empty_child(plan.child, alpha, key, chosen)
     return plan
 
 
@@ -249,8 +263,7 @@ def _plan_all(weight: torch.Tensor, support: torch.Tensor, alpha: int, split: st
               generator: torch.Generator, groups: torch.Tensor | None, clusters: int | None,
               group_size: int | None, inputs: torch.Tensor | None) -> LayerPlan:
     if split == "random" and group_size:
-        child = plan_random_grouped(support, alpha, group_size, generator)
-        _check_no_empty_child(child, alpha, key)
+        child = plan_random_grouped(support, alpha, group_size, generator)  # empty children: checked by plan_layer
     elif split == "random":
         child = plan_random(support, alpha, generator)
     elif split == "structured":

@@ -107,6 +107,11 @@ def analyze_files(paths: list[Path], data: str | None = None, top: int = 10, lay
         raise FPEError(f"--top must be >= 0, got {top}")
     ckpts = [load_checkpoint(p, layers, activation) for p in paths]
     roles = ["model"] if len(ckpts) == 1 else ["dense", "expanded"]
+    if len(ckpts) == 2:
+        (d_in, *_, d_out), (x_in, *_, x_out) = ckpts[0].mlp.widths, ckpts[1].mlp.widths
+        if (d_in, d_out) != (x_in, x_out):
+            raise FPEError(f"{paths[1]} maps {x_in} -> {x_out} but {paths[0]} maps {d_in} -> {d_out}: "
+                           "it was not expanded from it", "give the dense model first and its expansion second")
     probe = load_probe(data, ckpts[0].mlp.layers[0].in_features, samples) if data else None
     ticker = _Ticker(progress)
     batches = -(-probe.x.shape[0] // A.BATCH) if probe else 0
@@ -143,7 +148,9 @@ def _csv_num(value) -> str:
 def write_csv(result: AnalyzeResult, path: Path, force: bool = False) -> int:
     """One row per neuron (every analyzed layer of every model); empty cells for undefined values."""
     n = 0
-    with atomic_output(path, force=force) as tmp, open(tmp, "w", newline="") as fh:
+    # surrogateescape: file names that are not valid UTF-8 are written back as their original bytes
+    with atomic_output(path, force=force) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                                       errors="surrogateescape") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for row in csv_rows(result):

@@ -15,6 +15,7 @@ import os
 import secrets
 import struct
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -41,26 +42,40 @@ def _itemsize(dtype: torch.dtype) -> int:
 def check_readable(path: Path) -> None:
     """Refuse paths that cannot be a safetensors checkpoint, with a hint how to fix it."""
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise FPEError(
-            f"{path}: pickle-based checkpoints are refused (loading them can execute code)",
-            "convert it once in trusted code: safetensors.torch.save_file(torch.load(p, weights_only=True), 'model.safetensors')",
-        )
+    if path.is_symlink() and not path.exists():
+        raise FPEError(f"{path}: a symbolic link to nothing (its target is missing, or it points to itself)")
     if not path.exists():
         raise FPEError(f"{path}: no such file")
     if path.is_dir():
         raise FPEError(f"{path}: is a directory, expected a .safetensors file")
+    if not path.is_file():  # a FIFO, a process substitution <(...), a device: reading could block forever
+        raise FPEError(f"{path}: not a regular file (a pipe or a device)", "save it to a file first")
 
 
 def _refuse_pickle(path: Path, head: bytes) -> None:
-    """Called once the file failed to parse: a torch.save file (a zip archive, or a bare pickle of
-    protocol 2-5) given a safetensors name gets a message that says what it is and how to convert."""
-    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and 2 <= head[1] <= 5):
+    """Called once the file failed to parse as safetensors: a torch.save file (a zip archive, or a bare
+    pickle of protocol 2-5), or anything named like one, gets a message that says what it is and how
+    to convert; a numpy .npz archive is named as such. (A valid safetensors file is read whatever its name.)"""
+    if head.startswith(b"PK\x03\x04") and _is_npz(path):
+        raise FPEError(f"{path}: a numpy .npz archive (a data set?), not a safetensors checkpoint",
+                       "pass data sets with --data; save models with safetensors.torch.save_file(model.state_dict(), path)")
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5) \
+            or path.suffix.lower() in PICKLE_SUFFIXES:
         raise FPEError(
             f"{path}: not a safetensors file: it looks like a torch.save / pickle file, which is refused "
             "(loading it can execute code)",
             "convert it once in trusted code: safetensors.torch.save_file(torch.load(p, weights_only=True), 'model.safetensors')",
         )
+
+
+def _is_npz(path: Path) -> bool:
+    """A zip whose members are all .npy arrays (numpy.savez); reads the zip directory only."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -84,6 +99,7 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
+            _refuse_pickle(path, head)
             raise FPEError(f"{path}: not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or n > size - 8:
@@ -99,6 +115,7 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
         _refuse_pickle(path, head)
         raise FPEError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
+        _refuse_pickle(path, head)
         raise FPEError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata  # null is what safetensors itself accepts for "none"

@@ -243,3 +243,91 @@ def test_fpe_data_never_overwrites_its_input_npz(tmp_path):
     assert_one_error_line(run_cli(["data", "dnf:vars=8,clauses=2,k=3", "-o", tmp_path / "o.npz", "--clause-map",
                                    tmp_path / "o.npz"]), "o.npz")
     assert (tmp_path / "d.npz").read_bytes() == before and not (tmp_path / "o.npz").exists()
+
+
+# ---------------------------------------------------------------- files that are not plain checkpoints
+
+
+def _seq(tmp_path, name="m.safetensors", widths=(8, 10, 3)):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(widths[0], widths[1]), nn.ReLU(), nn.Linear(widths[1], widths[2]))
+    save_file(m.state_dict(), str(tmp_path / name))
+    return tmp_path / name, m
+
+
+def test_a_fifo_is_refused_instead_of_blocking(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    import os
+
+    os.mkfifo(fifo)
+    assert_one_error_line(run_cli(["inspect", fifo]), "not a regular file", "save it to a file first")
+
+
+def test_a_symlink_loop_is_named(tmp_path):
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    assert_one_error_line(run_cli(["params", loop]), "symbolic link")
+
+
+def test_an_npz_given_as_a_model_is_named(tmp_path):
+    np.savez(tmp_path / "d.npz", x_train=np.zeros((2, 3)))
+    assert_one_error_line(run_cli(["params", tmp_path / "d.npz"]), ".npz archive", "--data")
+
+
+def test_a_safetensors_file_is_read_whatever_its_suffix(tmp_path):
+    path, m = _seq(tmp_path, "model.pt")
+    doc = _ok(["params", path])
+    assert doc["total"]["weights"] == sum(int((p != 0).sum()) for n, p in m.state_dict().items() if n.endswith("weight"))
+    torch.save(m.state_dict(), tmp_path / "real.pt")  # a real torch.save file: refused, never unpickled
+    assert_one_error_line(run_cli(["params", tmp_path / "real.pt"]), "pickle", "safetensors.torch.save_file")
+
+
+def test_dead_neurons_are_left_whole_by_expand_top(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 10), nn.ReLU(), nn.Linear(10, 3))
+    with torch.no_grad():
+        m[0].weight[2].zero_()  # a dead (or fully pruned) neuron: no input edge
+    save_file(m.state_dict(), str(tmp_path / "dead.safetensors"))
+    src = tmp_path / "dead.safetensors"
+    assert_one_error_line(run_cli(["expand", src, "--alpha", "2", "-o", tmp_path / "a.safetensors"]),
+                          "parent 2's 0 edges", "--expand-top")
+    doc = _ok(["expand", src, "--alpha", "2", "--expand-top", "9", "-o", tmp_path / "b.safetensors"])
+    assert doc["hidden_widths_after"] == [19] and doc["budget_holds"]
+    assert run_cli(["verify", tmp_path / "b.safetensors", "--source", src]).exit_code == 0
+    assert_one_error_line(run_cli(["expand", src, "--alpha", "2", "--expand-top", "10", "-o", tmp_path / "c.safetensors"]),
+                          "only 9 of 10")
+
+
+def test_verify_against_a_source_without_the_layers_is_a_failed_verification(tmp_path):
+    src, m = _seq(tmp_path)
+    sd = m.state_dict()
+    other = tmp_path / "named.safetensors"
+    save_file({"l1.weight": sd["0.weight"], "l1.bias": sd["0.bias"], "l2.weight": sd["2.weight"],
+               "l2.bias": sd["2.bias"]}, str(other))
+    assert run_cli(["expand", other, "--alpha", "2", "-o", tmp_path / "x.safetensors"]).exit_code == 0
+    line = assert_one_error_line(run_cli(["verify", tmp_path / "x.safetensors", "--source", src]), "not the file that was expanded",
+                                 code=3)
+    assert "--layers" not in line
+
+
+def test_analyze_refuses_an_expansion_of_another_model(tmp_path):
+    a, _ = _seq(tmp_path, "a.safetensors", (8, 10, 3))
+    b, _ = _seq(tmp_path, "b.safetensors", (5, 7, 3))
+    assert run_cli(["expand", b, "--alpha", "2", "-o", tmp_path / "b2.safetensors"]).exit_code == 0
+    assert_one_error_line(run_cli(["analyze", a, tmp_path / "b2.safetensors"]), "not expanded from it")
+
+
+def test_analyze_csv_keeps_a_non_utf8_model_name(tmp_path):
+    import os
+
+    src, _ = _seq(tmp_path)
+    odd = os.path.join(os.fsencode(tmp_path), b"mod\xe9l.safetensors")
+    os.link(src, odd)
+    import subprocess
+    import sys
+
+    # a real process (the test runner's captured streams are strict UTF-8, a terminal's are not)
+    res = subprocess.run([sys.executable, "-m", "fpe_cli", "analyze", odd, "--csv", tmp_path / "n.csv"],
+                         capture_output=True)
+    assert res.returncode == 0, res.stderr
+    assert b"mod\xe9l.safetensors" in (tmp_path / "n.csv").read_bytes()

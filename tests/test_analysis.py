@@ -414,8 +414,13 @@ def test_compare_rejects_unrelated_models():
     with pytest.raises(FPEError, match="no lineage"):
         A.compare(a, b)
     c = A.analyze_mlp(MLP([Layer("fc1.weight", torch.randn(6, 4), parents=torch.arange(6)), Layer("fc2.weight", torch.randn(1, 6))]))
-    with pytest.raises(FPEError, match="lineage names parent 5"):
+    with pytest.raises(FPEError, match="lineage has 6 parent neurons but the dense layer fc1.weight has 3"):
         A.compare(a, c)
+    # fewer parents than dense rows: an expansion of a narrower model, not of this one
+    e = A.analyze_mlp(MLP([Layer("fc1.weight", torch.randn(4, 4), parents=torch.tensor([0, 0, 1, 1])),
+                           Layer("fc2.weight", torch.randn(1, 4))]))
+    with pytest.raises(FPEError, match="lineage has 2 parent neurons"):
+        A.compare(a, e)
     with pytest.raises(FPEError, match="hidden layers"):
         A.compare(a, a + a)
 
