@@ -57,9 +57,12 @@ def expand(
     """Expand every hidden neuron into alpha children that own disjoint subsets of its edges.
 
     The weight count stays exactly the source's (global magnitude pruning after copying outgoing
-    columns). FPE changes the function: the report shows the drift; fine-tune afterwards.
+    columns; with --outgoing tie the copies are one shared parameter and nothing is pruned).
+    FPE changes the function: the report shows the drift; fine-tune afterwards.
 
     Example:  fpe expand model.safetensors --alpha 4 --split random --seed 0 -o model.fpe4.safetensors
+
+    Example:  fpe expand model.safetensors --alpha 4 --group-size 1024 --outgoing tie   (fastest to train)
     """
     alpha = _parse_alpha(alpha)
     if layout not in ("packed", "dense"):  # before the work, not when writing (plain cannot hold masks)
