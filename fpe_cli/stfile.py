@@ -169,21 +169,41 @@ def _validate_entries(path: Path, header: dict, data_len: int) -> None:
         raise FPEError(f"{path}: corrupt safetensors header: {shown}")
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read every tensor (validated first) and the metadata. Tensors are independent copies."""
+READ_CHUNK = 1 << 24  # bytes per read (and hash update) while loading a file
+
+
+def read_safetensors(path: Path, digest=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor (validated first) and the metadata in one sequential pass over the file.
+
+    `digest` (a hashlib object), when given, is fed every byte of the file as it is read: the hash is
+    of exactly the bytes the tensors came from, without reading the file a second time. Tensors share
+    one buffer (disjoint regions, so writing to one never changes another).
+    """
     path = Path(path)
     header, metadata, data_start = read_header(path)
-    tensors = {}
     with open(path, "rb") as fh:
-        for name, entry in header.items():
-            begin, end = entry["data_offsets"]
-            fh.seek(data_start + begin)
-            buf = bytearray(end - begin)
-            if fh.readinto(buf) != len(buf):
-                raise FPEError(f"{path}: truncated while reading {name}")
-            dtype = DTYPES[entry["dtype"]]
-            flat = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-            tensors[name] = flat.view(dtype).reshape(entry["shape"])
+        head = fh.read(data_start)
+        if digest is not None:
+            digest.update(head)
+        data = bytearray(max(0, os.fstat(fh.fileno()).st_size - data_start))
+        view, got = memoryview(data), 0
+        while got < len(data) and (n := fh.readinto(view[got:got + READ_CHUNK])):
+            if digest is not None:
+                digest.update(view[got:got + n])
+            got += n
+        view.release()
+    if len(head) != data_start or got != len(data):
+        raise FPEError(f"{path}: truncated while reading (the file changed or shrank)")
+    tensors = {}
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        if end > len(data):
+            raise FPEError(f"{path}: truncated while reading {name}")
+        flat = torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=begin) if end > begin \
+            else torch.empty(0, dtype=torch.uint8)
+        if begin % 16:  # keep every tensor aligned as its own allocation would be
+            flat = flat.clone()
+        tensors[name] = flat.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
     return tensors, dict(metadata)
 
 

@@ -345,3 +345,24 @@ def test_expand_reports_tensors_it_does_not_carry(tmp_path):
     doc = _json.loads(res.stdout)
     assert "bn1.running_mean" in doc["dropped_tensors"] and doc["activation_source"] == "metadata"
     assert "0.weight" not in doc["dropped_tensors"] and "fc1.weight" not in doc["dropped_tensors"]
+
+
+def test_read_hashes_exactly_the_bytes_it_reads_and_keeps_tensors_aligned(tmp_path):
+    """One sequential pass: the digest equals the file's sha256; an odd-sized float16 tensor before a
+    float32 one (names sort that way in fpe's canonical writer) still gives an aligned, correct tensor."""
+    import hashlib
+
+    from fpe_cli.stfile import read_safetensors, write_safetensors
+
+    tensors = {"a.bias": torch.arange(3, dtype=torch.float16), "b.weight": torch.randn(5, 7),
+               "c": torch.tensor([True, False]), "d": torch.zeros(0)}
+    path = tmp_path / "odd.safetensors"
+    write_safetensors(path, tensors, {"k": "v"})
+    digest = hashlib.sha256()
+    got, meta = read_safetensors(path, digest)
+    assert digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest() and meta == {"k": "v"}
+    for name, t in tensors.items():
+        assert torch.equal(got[name], t) and got[name].dtype == t.dtype
+        assert got[name].numel() == 0 or got[name].data_ptr() % got[name].element_size() == 0
+    got["a.bias"] += 1  # tensors share one buffer but never overlap
+    assert torch.equal(got["b.weight"], tensors["b.weight"])
