@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fpe_cli.data import (Dataset, check_input_width, check_output_width, load_dataset, make_dnf, write_clause_map,
+from fpe_cli.dnf import make_dnf
+from fpe_cli.data import (Dataset, check_input_width, check_output_width, load_dataset, write_clause_map,
                           write_dataset_npz)
 from fpe_cli.errors import FPEError
 from fpe_cli.recipe import load_clause_map
