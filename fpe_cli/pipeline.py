@@ -20,7 +20,7 @@ from .errors import FPEError, VerificationError
 from .expand import ExpandResult, PlanInputs, expand_mlp, function_drift
 from .recipe import load_clause_map, load_recipe, parse_selection, select_targets
 from .stfile import check_writable, read_header, sha256_file
-from .verify import check_invariants, check_off_mask_zero, model_counts
+from .verify import check_invariants, check_off_mask_zero, check_ties, model_counts
 
 PRUNE_RULE = "global-magnitude; ties: earlier layer, then row-major"
 
@@ -324,9 +324,9 @@ def inspect_report(model: Path, layers=None, activation=None) -> dict:
 def convert_file(model: Path, layout: str, output: Path, force: bool = False, layers=None, activation=None) -> dict:
     ckpt = load_checkpoint(model, layers, activation)
     check_writable(output, force=force, inputs=(model,))
-    off_mask = check_off_mask_zero(ckpt.mlp)
-    if off_mask:
-        raise VerificationError(off_mask + ["converting would drop these values; the conversion would not be lossless"])
+    lossy = check_off_mask_zero(ckpt.mlp) + (check_ties(ckpt.mlp) if layout == "packed" else [])
+    if lossy:  # off-mask values (either layout) and unequal tied copies (packed keeps one) would be dropped
+        raise VerificationError(lossy + ["converting would drop these values; the conversion would not be lossless"])
     meta = {k: v for k, v in ckpt.metadata.items() if k != "fpe.layout"}
     size = save_checkpoint(ckpt.mlp, output, layout, meta, force=force)
     return {"input": str(model), "output": str(output), "from_layout": ckpt.layout, "to_layout": layout,

@@ -214,6 +214,8 @@ def test_verify_flags_copies_that_differ_and_training_refuses_them(tmp_path):
     assert res.exit_code == 3 and "2.weight" in res.stderr and "tied" in res.stderr
     res = run_cli(["evaluate", str(edited), "--data", "digits:test=0.25"])
     assert res.exit_code == 2 and "tied column copies differ" in res.stderr
+    res = run_cli(["convert", str(edited), "--layout", "packed", "-o", tmp_path / "p.safetensors"])
+    assert res.exit_code == 3 and "not be lossless" in res.stderr and not (tmp_path / "p.safetensors").exists()
 
 
 @pytest.mark.parametrize("layout", ["packed", "dense"])
