@@ -85,6 +85,8 @@ def _int_or_none(settings: dict, key: str, low: int, high: int = 2**63 - 1) -> N
 
 def check_settings(settings: dict, opts: ExpandOptions) -> None:
     """Types and ranges of every setting (flags or recipe), and flags that would be silently unused."""
+    if isinstance(opts.probe_samples, bool) or not isinstance(opts.probe_samples, int) or opts.probe_samples < 0:
+        raise FPEError(f"--probe-samples must be an integer >= 0 (0 skips the drift), got {opts.probe_samples!r}")
     _int_or_none(settings, "seed", 0)
     _int_or_none(settings, "clusters", 1)
     _int_or_none(settings, "group_size", 1)
@@ -165,9 +167,11 @@ def expand_file(opts: ExpandOptions, timings: dict[str, float] | None = None) ->
     with _phase(timings, "expand"):
         result = expand_mlp(ckpt.mlp, targets, seed=settings["seed"], outgoing=settings["outgoing"], plan=plan,
                             inputs=inputs)
-    with _phase(timings, "drift"):
-        probes, probe_desc = probe_inputs(ckpt, opts.probe_data, opts.probe_samples, settings["seed"])
-        drift = function_drift(ckpt.mlp, result.mlp, probes)
+    drift = None
+    if opts.probe_samples:
+        with _phase(timings, "drift"):
+            probes, probe_desc = probe_inputs(ckpt, opts.probe_data, opts.probe_samples, settings["seed"])
+            drift = function_drift(ckpt.mlp, result.mlp, probes) | {"probe": probe_desc}
     meta = expanded_metadata(ckpt, result, settings, targets)
     meta["fpe.inputs"] = json.dumps({
         "clause_map_sha256": sha256_file(opts.clause_map) if opts.clause_map else None,
@@ -177,7 +181,7 @@ def expand_file(opts: ExpandOptions, timings: dict[str, float] | None = None) ->
         size = save_checkpoint(result.mlp, output, opts.layout, meta, force=opts.force)
         if opts.save_plan:
             save_plan(result.plan, opts.save_plan, source_sha256=ckpt.sha256, force=opts.force)
-    return expand_report(ckpt, result, settings, output, opts, size, drift | {"probe": probe_desc})
+    return expand_report(ckpt, result, settings, output, opts, size, drift)
 
 
 def input_files(opts: ExpandOptions) -> tuple[Path, ...]:
@@ -214,7 +218,7 @@ def expanded_metadata(ckpt: Checkpoint, result: ExpandResult, settings: dict, ta
 
 
 def expand_report(ckpt: Checkpoint, result: ExpandResult, settings: dict, output: Path, opts: ExpandOptions,
-                  size: int, drift: dict) -> dict:
+                  size: int, drift: dict | None) -> dict:
     plans = {p.weight_key: p for p in result.plan.layers}
     layers = []
     for k, (src, new) in enumerate(zip(ckpt.mlp.layers, result.mlp.layers)):

@@ -30,10 +30,14 @@ def render_expand(doc: dict, console: Console) -> None:
     if dead:  # never silent: pruning can take every edge of a child (it then outputs only its bias)
         console.print(f"[yellow]note:[/] rows left without input edges by the budget pruning: {', '.join(dead)}")
     d = doc["drift"]
-    agree = d["argmax_agreement"]
-    agree = "n/a" if agree is None or agree != agree else f"{agree:.1%}"  # None (JSON) or NaN: one output
-    console.print(f"function drift on {d['probe']}: relative L2 {d['relative_l2']:.3f}, "
-                  f"argmax agreement {agree}. FPE changes the function: fine-tune before use (fpe finetune).")
+    if d is None:
+        console.print("function drift not measured (--probe-samples 0). FPE changes the function: "
+                      "fine-tune before use (fpe finetune).")
+    else:
+        agree = d["argmax_agreement"]
+        agree = "n/a" if agree is None or agree != agree else f"{agree:.1%}"  # None (JSON) or NaN: one output
+        console.print(f"function drift on {d['probe']}: relative L2 {d['relative_l2']:.3f}, "
+                      f"argmax agreement {agree}. FPE changes the function: fine-tune before use (fpe finetune).")
     if doc.get("dropped_tensors"):
         console.print(f"[yellow]note:[/] not part of the MLP chain, so not written: {', '.join(doc['dropped_tensors'])}")
     if doc.get("activation_source") == "default":

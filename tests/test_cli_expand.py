@@ -393,3 +393,16 @@ def test_top_level_help_and_version():
     assert res.exit_code == 0 and "Example" in res.stdout
     assert all(c in res.stdout for c in COMMANDS)
     assert run_cli(["--version"]).stdout.startswith("fpe ")
+
+
+def test_probe_samples_sets_or_skips_the_drift(tmp_path, mlp_file):
+    doc = expand_ok(mlp_file, "--alpha", "2", "--probe-samples", "8", "--json", "-o", tmp_path / "a.safetensors").json()
+    assert doc["drift"]["probe_samples"] == 8 and "8 standard-normal inputs" in doc["drift"]["probe"]
+    doc = expand_ok(mlp_file, "--alpha", "2", "--probe-samples", "0", "--json", "-o", tmp_path / "b.safetensors").json()
+    assert doc["drift"] is None and doc["budget_holds"]
+    res = expand_ok(mlp_file, "--alpha", "2", "--probe-samples", "0", "-o", tmp_path / "c.safetensors")
+    assert "drift not measured (--probe-samples 0)" in res.stderr and "fine-tune" in res.stderr
+    # the same file either way: the drift is a report, not part of the output
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    res = run_cli(["expand", mlp_file, "--alpha", "2", "--probe-samples", "-1", "-o", tmp_path / "d.safetensors"])
+    assert res.exit_code == 2 and "probe-samples" in res.stderr and not (tmp_path / "d.safetensors").exists()

@@ -48,6 +48,7 @@ def expand(
     layout: Annotated[str, typer.Option(help="Output storage: packed (values + bitmask) or dense (widened tensors + bool masks).")] = "packed",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. \\[default: MODEL.fpe<alpha>.safetensors beside the input]")] = None,
     data: Annotated[Optional[str], typer.Option(help="Data set (npz or built-in name): test inputs probe the drift; train inputs calibrate --split activation.")] = None,
+    probe_samples: Annotated[int, typer.Option(help="Probe inputs for the function drift; 0 skips it (the two forward passes cost about 6x the file I/O on large models).")] = 256,
     force: ForceOpt = False,
     layers: LayersOpt = None,
     activation: ActivationOpt = None,
@@ -70,6 +71,7 @@ def expand(
     opts = ExpandOptions(model, alpha, split, seed, outgoing, _split_list(targets), _split_list(ignore), recipe, plan,
                          save_plan, clause_map, clusters, group_size, layout, output, force, parse_layers(layers), activation, data)
     opts.expand_top = expand_top
+    opts.probe_samples = probe_samples
     with working(f"expanding {model} ...", quiet or json_out):
         doc = expand_file(opts)
     emit_json(doc) if json_out else None if quiet else report.render_expand(doc, err_console)
