@@ -12,6 +12,7 @@ Ratios are what to compare across machines; absolute times vary.
 
     python benchmarks/bench_expand.py                 # 2048 -> 8192 -> 2048, alpha 4
     python benchmarks/bench_expand.py --size 4096x16384 --alpha 4 --json
+    python benchmarks/bench_expand.py --probe-samples 0     # without the drift report
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def peak_rss(*args: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def run(d: int, h: int, alpha: int, repeat: int, depth: int = 1) -> dict:
+def run(d: int, h: int, alpha: int, repeat: int, depth: int = 1, probe_samples: int = 256) -> dict:
     from safetensors.torch import load_file, save_file
 
     from fpe_cli.pipeline import ExpandOptions, expand_file
@@ -73,7 +74,7 @@ def run(d: int, h: int, alpha: int, repeat: int, depth: int = 1) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="fpe-bench-"))
     src, out, dense, floor_out = (tmp / n for n in ("in.safetensors", "out.safetensors", "dense.safetensors", "floor.safetensors"))
     make_model(src, d, h, depth=depth)
-    opts = ExpandOptions(src, alpha=alpha, output=out, force=True)
+    opts = ExpandOptions(src, alpha=alpha, output=out, force=True, probe_samples=probe_samples)
     runs: list[dict] = []
     expand_file(opts)  # the output to copy for the floor; also warms the page cache
     out_tensors = load_file(str(out))
@@ -84,12 +85,13 @@ def run(d: int, h: int, alpha: int, repeat: int, depth: int = 1) -> dict:
     phases = min(runs, key=lambda t: sum(t.values()))  # the phases of the fastest run
     env = dict(os.environ)
     cli_s = timed(lambda: subprocess.run([sys.executable, "-m", "fpe_cli", "expand", str(src), "--alpha", str(alpha),
-                                          "-o", str(out), "--force", "-q"], check=True, env=env), 1)
+                                          "--probe-samples", str(probe_samples), "-o", str(out), "--force", "-q"],
+                                         check=True, env=env), 1)
     expand_file(ExpandOptions(src, alpha=alpha, output=dense, force=True, layout="dense"))
     peak = peak_rss("expand", str(src), str(alpha), str(out), "packed")
     idle = peak_rss("idle")
     result = {
-        "shape": " -> ".join(map(str, [d] + [h] * depth + [d])), "alpha": alpha, "threads": __import__("torch").get_num_threads(),
+        "shape": " -> ".join(map(str, [d] + [h] * depth + [d])), "alpha": alpha, "probe_samples": probe_samples, "threads": __import__("torch").get_num_threads(),
         "input_bytes": src.stat().st_size, "packed_bytes": out.stat().st_size, "dense_layout_bytes": dense.stat().st_size,
         "floor_s": floor_s, "fpe_s": fpe_s, "cli_s": cli_s,
         "fpe_over_floor": fpe_s / floor_s, "cli_over_floor": cli_s / floor_s,
@@ -111,14 +113,15 @@ def main() -> None:
     ap.add_argument("--alpha", type=int, default=4)
     ap.add_argument("--depth", type=int, default=1, help="hidden layers (4 gives a 5-layer MLP)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--probe-samples", type=int, default=256, help="fpe expand --probe-samples (0: no drift)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     d, h = (int(v) for v in args.size.lower().split("x"))
-    r = run(d, h, args.alpha, args.repeat, args.depth)
+    r = run(d, h, args.alpha, args.repeat, args.depth, args.probe_samples)
     if args.json:
         print(json.dumps(r, indent=2))
         return
-    print(f"fpe expand {r['shape']} float32, alpha {r['alpha']}, {r['threads']} threads")
+    print(f"fpe expand {r['shape']} float32, alpha {r['alpha']}, --probe-samples {r['probe_samples']}, {r['threads']} threads")
     print(f"  fpe (in process) / I/O floor : {r['fpe_over_floor']:.1f}x  ({r['fpe_s']:.2f} s vs {r['floor_s']:.2f} s)")
     print(f"  fpe CLI (with imports) / floor: {r['cli_over_floor']:.1f}x")
     print("  phases / floor                : " + ", ".join(f"{k} {v:.1f}x" for k, v in r["phases_over_floor"].items()))
