@@ -24,3 +24,12 @@ def test_bench_layers_runs():
 def test_bench_expand_runs():
     doc = json.loads(run_script("benchmarks/bench_expand.py", "--size", "16x64", "--repeat", "1", "--json"))
     assert doc["packed_over_input"] > 0 and doc["peak_rss_bytes"] >= doc["import_rss_bytes"] > 0
+
+
+def test_run_all_prints_one_table_of_every_benchmark():
+    out = run_script("benchmarks/run_all.py", "--quick")
+    lines = out.strip().splitlines()
+    assert lines[0].split()[:3] == ["benchmark", "measure", "ratio"]
+    names = {line.split()[0] for line in lines[1:]}
+    assert names >= {"layers", "expand", "finetune", "analyze"}
+    assert all(line.rstrip().endswith("x") for line in lines[1:])  # every row is a ratio
