@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import FPEError
-from .model import MLP, activation_fn, first_of_groups, sibling_sum
+from .model import MLP, activation_fn, first_of_groups, sibling_sum, uniform_children
 
 
 def masked_dense_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -183,15 +183,6 @@ def collapse_tied(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, mask
 
 
-def uniform_children(tied: torch.Tensor) -> int | None:
-    """k when every parent has k consecutive tied columns (a reshape then sums them), else None."""
-    parents = int(tied[-1]) + 1 if tied.numel() else 0
-    if not parents or tied.numel() % parents:
-        return None
-    k = tied.numel() // parents
-    return k if torch.equal(tied, torch.arange(parents).repeat_interleave(k)) else None
-
-
 def kernel_weight(weight: torch.Tensor, mask: torch.Tensor | None, parents: torch.Tensor | None,
                   group_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One layer's float32 weight laid out for its fastest kernel: (weight, kernel mask, index).
@@ -254,8 +245,7 @@ class KernelMLP(nn.Module):
         """
         b = self.biases[self.bias_of[i]] if self.bias_of[i] >= 0 else None
         if self.tied[i] is not None:
-            k = self.siblings[i]
-            x = x.view(x.shape[0], -1, k).sum(dim=2) if k else sibling_sum(x, self.tied[i])
+            x = sibling_sum(x, self.tied[i], self.siblings[i])
         return kernel_linear(x, self.weights[i], self.index[i], b)
 
     def expanded_weight(self, i: int, in_features: int) -> torch.Tensor:

@@ -74,12 +74,24 @@ def first_of_groups(tied: torch.Tensor) -> torch.Tensor:
     return starts.nonzero().flatten()
 
 
-def sibling_sum(x: torch.Tensor, tied: torch.Tensor) -> torch.Tensor:
-    """(N, children) -> (N, parents): the activations of each parent's children summed (tied columns)."""
+def uniform_children(tied: torch.Tensor) -> int | None:
+    """k when every parent has k consecutive tied columns (then a reshape sums them), else None."""
     parents = int(tied[-1]) + 1 if tied.numel() else 0
-    if parents and tied.numel() % parents == 0 and torch.equal(tied, torch.arange(parents).repeat_interleave(
-            tied.numel() // parents)):
-        return x.view(x.shape[0], parents, -1).sum(dim=2)  # every parent has the same number of children
+    if not parents or tied.numel() % parents:
+        return None
+    k = tied.numel() // parents
+    return k if torch.equal(tied, torch.arange(parents).repeat_interleave(k)) else None
+
+
+def sibling_sum(x: torch.Tensor, tied: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """(N, children) -> (N, parents): the activations of each parent's children summed (tied columns).
+
+    `k`: `uniform_children(tied)` when the caller has it (a reshape instead of an index_add).
+    """
+    k = k if k is not None else uniform_children(tied)
+    if k:
+        return x.view(x.shape[0], -1, k).sum(dim=2)
+    parents = int(tied[-1]) + 1 if tied.numel() else 0
     return torch.zeros(x.shape[0], parents, dtype=x.dtype).index_add_(1, tied, x)
 
 
