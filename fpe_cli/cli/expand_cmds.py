@@ -35,7 +35,7 @@ def expand(
     alpha: Annotated[Optional[str], typer.Option("--alpha", "-a", metavar="INTEGER", help="Children per hidden neuron (integer >= 2).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split strategy: random, structured, clause, gram or activation (needs --data). \\[default: random]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for the split. \\[default: 0]")] = None,
-    outgoing: Annotated[Optional[str], typer.Option(help="Children's outgoing weights: copy (paper), split (divide by alpha) or tie (copies stay one shared parameter: no pruning, the next layer sums siblings; fast with --group-size). \\[default: copy]")] = None,
+    outgoing: Annotated[Optional[str], typer.Option(help="Children's outgoing weights: copy (paper), split (divide by alpha) or tie (copies stay one shared parameter: no pruning, the next layer sums siblings; fastest with --group-size, but less accurate in the evidence sweep). \\[default: copy]")] = None,
     targets: Annotated[Optional[str], typer.Option(help="Hidden layers to expand, comma-separated names; 're:' marks a regex. \\[default: all]")] = None,
     ignore: Annotated[Optional[str], typer.Option(help="Hidden layers never to expand (names or 're:' regexes).")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe: alpha, split, seed, outgoing, targets (with per-target alpha/split), ignore.")] = None,
@@ -63,7 +63,7 @@ def expand(
 
     Example:  fpe expand model.safetensors --alpha 4 --split random --seed 0 -o model.fpe4.safetensors
 
-    Example:  fpe expand model.safetensors --alpha 4 --group-size 1024 --outgoing tie   (fastest to train)
+    Example:  fpe expand model.safetensors --alpha 4 --group-size 1024 --outgoing tie   (fastest to train, less accurate)
     """
     alpha = _parse_alpha(alpha)
     if layout not in ("packed", "dense"):  # before the work, not when writing (plain cannot hold masks)
