@@ -181,17 +181,20 @@ def read_safetensors(path: Path, digest=None) -> tuple[dict[str, torch.Tensor], 
     """
     path = Path(path)
     header, metadata, data_start = read_header(path)
+    needed = max((entry["data_offsets"][1] for entry in header.values()), default=0)
     with open(path, "rb") as fh:
         head = fh.read(data_start)
         if digest is not None:
             digest.update(head)
-        data = bytearray(max(0, os.fstat(fh.fileno()).st_size - data_start))
+        data = bytearray(needed)  # the tensors' bytes; anything after them is only hashed
         view, got = memoryview(data), 0
         while got < len(data) and (n := fh.readinto(view[got:got + READ_CHUNK])):
             if digest is not None:
                 digest.update(view[got:got + n])
             got += n
         view.release()
+        while digest is not None and (block := fh.read(READ_CHUNK)):
+            digest.update(block)
     if len(head) != data_start or got != len(data):
         raise FPEError(f"{path}: truncated while reading (the file changed or shrank)")
     tensors = {}

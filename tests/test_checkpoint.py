@@ -366,3 +366,18 @@ def test_read_hashes_exactly_the_bytes_it_reads_and_keeps_tensors_aligned(tmp_pa
         assert got[name].numel() == 0 or got[name].data_ptr() % got[name].element_size() == 0
     got["a.bias"] += 1  # tensors share one buffer but never overlap
     assert torch.equal(got["b.weight"], tensors["b.weight"])
+
+
+def test_bytes_after_the_tensors_are_hashed_but_not_loaded(tmp_path):
+    import hashlib
+
+    from fpe_cli.stfile import read_safetensors, write_safetensors
+
+    path = tmp_path / "tail.safetensors"
+    write_safetensors(path, {"w": torch.randn(3, 4)}, {})
+    with open(path, "ab") as fh:
+        fh.write(b"\x01" * 5000)  # trailing bytes (another tool appended something)
+    digest = hashlib.sha256()
+    got, _ = read_safetensors(path, digest)
+    assert digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert got["w"].untyped_storage().nbytes() < 1000  # the tail is not held in memory
