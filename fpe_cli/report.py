@@ -58,6 +58,9 @@ def render_params(doc: dict, console: Console) -> None:
                   _fmt_int(t["biases"]), "", _fmt_int(t["bytes_on_disk"]), style="bold")
     console.print(table)
     console.print(f"hidden neurons: {t['hidden_neurons']:,}; file: {doc['file_bytes']:,} bytes")
+    tied = [r["weight"] for r in doc["layers"] if r.get("tied")]
+    if tied:
+        console.print(f"tied columns (each copy group is one weight, counted once): {', '.join(tied)}")
     if "source" in doc:
         holds = "[green]holds[/]" if doc["budget_holds"] else "[red]VIOLATED[/]"
         console.print(f"source: {_fmt_int(doc['source']['weights'])} weights, {_fmt_int(doc['source']['biases'])} biases; "

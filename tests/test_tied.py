@@ -189,6 +189,7 @@ def test_files_keep_the_tie_and_dense_loads_into_plain_torch(tmp_path, layout):
         assert tensors["fpe.shape:2.weight"].tolist() == [4, 8] and tensors["fpe.values:2.weight"].numel() == 32
     params = run_cli(["params", out, "--json"]).json()
     assert [layer["tied"] for layer in params["layers"]] == [False, True]
+    assert "tied columns (each copy group is one weight, counted once): 2.weight" in run_cli(["params", out]).stdout
     assert params["total"]["weights"] == doc["budget"] and params["budget_holds"]
     assert run_cli(["verify", out, "--source", src]).exit_code == 0
     if layout == "dense":
