@@ -106,10 +106,11 @@ def test_re_expanding_a_tied_model_is_refused():
 # ---------------------------------------------------------------- the kernels
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group_size", [None, 3])
 @pytest.mark.parametrize("top", [None, 0.5])
-def test_kernels_match_the_masked_dense_oracle_forward_and_backward(group_size, top):
-    src = random_mlp([12, 6, 6, 4], seed=5)
+def test_kernels_match_the_masked_dense_oracle_forward_and_backward(group_size, top, dtype):
+    src = random_mlp([12, 6, 6, 4], seed=5, dtype=dtype)
     res = expand_mlp(src, [Target(0, 2, top=top), Target(1, 2)], seed=2, outgoing="tie",
                      inputs=PlanInputs(group_size=group_size))
     mlp = with_group_size(res.mlp, group_size)
