@@ -55,12 +55,17 @@ class SplitPlan:
         return next((p for p in self.layers if p.weight_key == key), None)
 
 
-def check_alpha(alpha: int, support: torch.Tensor, key: str) -> None:
-    """alpha must be an integer >= 2 and no parent may have fewer edges than alpha."""
+def check_alpha_value(alpha: int) -> None:
+    """alpha must be an integer in 2..32767 (plans store child indices as int16)."""
     if not isinstance(alpha, int) or isinstance(alpha, bool) or alpha < 2:
         raise FPEError(f"alpha must be an integer >= 2, got {alpha!r}")
     if alpha > 32767:
         raise FPEError(f"alpha {alpha} is too large")
+
+
+def check_alpha(alpha: int, support: torch.Tensor, key: str) -> None:
+    """alpha must be a valid value and no parent may have fewer edges than alpha."""
+    check_alpha_value(alpha)
     counts = support.sum(dim=1)
     short = (counts < alpha).nonzero().flatten()
     if short.numel():
@@ -248,9 +253,12 @@ def plan_layer(weight: torch.Tensor, support: torch.Tensor, alpha: int, split: s
                clusters: int | None = None, group_size: int | None = None,
                inputs: torch.Tensor | None = None, top: float | None = None) -> LayerPlan:
     """Plan one producer layer with the named strategy (optionally only for the top parents)."""
-    check_alpha(alpha, support[:0], key)  # the value of alpha; which parents must have enough edges: below
-    chosen = top_parents(weight, support, top, alpha) if top is not None else None
-    check_alpha(alpha, support if chosen is None else support[chosen], key)
+    if top is None:
+        check_alpha(alpha, support, key)
+        chosen = None
+    else:  # only the chosen parents are split, and top_parents never picks one with fewer than alpha edges
+        check_alpha_value(alpha)
+        chosen = top_parents(weight, support, top, alpha)
     plan = _plan_all(weight, support, alpha, split, key=key, generator=generator, groups=groups,
                      clusters=clusters, group_size=group_size, inputs=inputs)
     if chosen is not None:
