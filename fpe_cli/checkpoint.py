@@ -30,7 +30,7 @@ from .masks import pack_mask, unpack_weight
 from .model import MLP, Layer, activation_fn, effective_weight, first_of_groups
 from .plan import LayerPlan, SplitPlan
 from .verify import non_finite_tensors
-from .stfile import read_header, read_safetensors, write_safetensors
+from .stfile import read_safetensors, write_safetensors
 
 LAYOUTS = ("plain", "dense", "packed")
 MAX_PLAN_ALPHA = 32767  # plans store child indices as int16 (and check_alpha refuses more)
@@ -194,9 +194,9 @@ def _resolve_activation(metadata: dict[str, str], flag: str | None) -> tuple[str
 def load_checkpoint(path: Path, layers: list[str] | None = None, activation: str | None = None) -> Checkpoint:
     """Read, validate and discover the MLP of any safetensors checkpoint (plain, dense or packed)."""
     path = Path(path)
-    header, _, _ = read_header(path)
     digest = hashlib.sha256()
     tensors, metadata = read_safetensors(path, digest)  # hashed as read: the hash is of these very bytes
+    sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}  # stored bytes (as the header says)
     _check_format_version(metadata, path)
     tensors, masks = _unpack_packed(tensors)
     tied = _widen_tied(tensors, masks)
@@ -213,7 +213,6 @@ def load_checkpoint(path: Path, layers: list[str] | None = None, activation: str
     _attach_masks_and_lineage(chain, tensors, masks)
     _attach_ties(chain, tied)
     act, act_source = _resolve_activation(metadata, activation)
-    sizes = {name: e["data_offsets"][1] - e["data_offsets"][0] for name, e in header.items()}
     unused = [u for u in unused if not u.startswith(FPE_PREFIX)]
     return Checkpoint(MLP(chain, act, dict(metadata)), layout, path, digest.hexdigest(), metadata, sizes, unused, act_source)
 
