@@ -6,8 +6,9 @@ Layouts:
   and `fpe.children:<key>` (int32 lineage: how many consecutive rows each parent became) beside
   them; loads into a plain torch.nn MLP.
 - `packed`: each weight stored as `fpe.values:<key>` (its masked entries, row-major),
-  `fpe.bitmask:<key>` (uint8 rows of little-endian bits) and `fpe.shape:<key>` (int64 [out, in]);
-  biases and lineage as in `dense`.
+  `fpe.zmask:<key>` (the mask, zlib-compressed in 4-row strips; see masks.py; format version 3)
+  and `fpe.shape:<key>` (int64 [out, in]); biases and lineage as in `dense`. Files of format
+  version 1 hold `fpe.bitmask:<key>` (uint8 rows of little-endian bits) instead and are still read.
 Tied columns (`--outgoing tie`, format version 2): `fpe.tied:<key>` (int32 copies of each parent
 column, as `fpe.children` of the layer before); `dense` stores every copy (a plain torch.nn module
 computes the same function), `packed` stores each shared column once (`fpe.shape` is [out, parents]).
@@ -23,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from . import BASE_FORMAT_VERSION, FORMAT_VERSION, TIED_FORMAT_VERSION, __version__
+from . import BASE_FORMAT_VERSION, FORMAT_VERSION, TIED_FORMAT_VERSION, ZMASK_FORMAT_VERSION, __version__
 from .discovery import FPE_PREFIX, discover_layers
 from .errors import FPEError
-from .masks import pack_mask, unpack_weight
+from .masks import decode_zmask, encode_zmask, unpack_mask, unpack_weight
 from .model import MLP, Layer, activation_fn, effective_weight, first_of_groups
 from .plan import LayerPlan, SplitPlan
 from .verify import non_finite_tensors
@@ -71,23 +72,35 @@ def _check_format_version(metadata: dict[str, str], path: Path) -> None:
         )
 
 
+def _packed_mask(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, int]) -> torch.Tensor:
+    """Pop and decode the mask of packed weight `key`: compressed (version 3) or bit rows (version 1)."""
+    zmask, bits = tensors.pop(f"{FPE_PREFIX}zmask:{key}", None), tensors.pop(f"{FPE_PREFIX}bitmask:{key}", None)
+    if zmask is not None and bits is not None:
+        raise FPEError(f"packed weight {key!r} has two masks (fpe.zmask and fpe.bitmask); which one is meant is unclear",
+                       "the file is corrupt or was edited; keep one of the two")
+    if zmask is not None:
+        return decode_zmask(zmask, shape, key)
+    return unpack_mask(bits, shape, key)
+
+
 def _unpack_packed(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Replace `fpe.values/bitmask/shape:<key>` triples by dense weights; returns (tensors, masks)."""
+    """Replace `fpe.values/zmask (or bitmask)/shape:<key>` triples by dense weights; returns (tensors, masks)."""
     out = dict(tensors)
     masks = {}
     for name in [n for n in tensors if n.startswith(FPE_PREFIX + "values:")]:
         key = name.split(":", 1)[1]
-        bits, shape = out.pop(f"{FPE_PREFIX}bitmask:{key}", None), out.pop(f"{FPE_PREFIX}shape:{key}", None)
-        if bits is None or shape is None:
-            raise FPEError(f"packed weight {key!r} lacks its bitmask or shape tensor")
+        shape = out.pop(f"{FPE_PREFIX}shape:{key}", None)
+        if shape is None or not any(f"{FPE_PREFIX}{kind}:{key}" in out for kind in ("zmask", "bitmask")):
+            raise FPEError(f"packed weight {key!r} lacks its mask or shape tensor")
         if shape.dtype != torch.int64 or tuple(shape.shape) != (2,) or bool((shape < 0).any()):
             raise FPEError(f"packed weight {key!r}: shape tensor must be int64 [out, in], found {shape.tolist()}")
         if key in out:
             raise FPEError(f"weight {key!r} is stored both packed and dense; which one is meant is unclear",
                            "the file is corrupt or was edited; keep one of the two")
         values = out.pop(name)
-        out[key], masks[key] = unpack_weight(values, bits, tuple(int(s) for s in shape), key)
-    leftovers = [n for n in out if n.startswith((FPE_PREFIX + "bitmask:", FPE_PREFIX + "shape:"))]
+        mask = _packed_mask(out, key, (int(shape[0]), int(shape[1])))
+        out[key], masks[key] = unpack_weight(values, mask, key)
+    leftovers = [n for n in out if n.startswith(tuple(FPE_PREFIX + k for k in ("bitmask:", "zmask:", "shape:")))]
     if leftovers:
         raise FPEError(f"packed storage without values: {', '.join(leftovers)}")
     return out, masks
@@ -243,7 +256,7 @@ def mlp_tensors(mlp: MLP, layout: str) -> dict[str, torch.Tensor]:
                 first = first_of_groups(layer.tied)
                 weight, mask = weight[:, first], mask[:, first]
             out[f"{FPE_PREFIX}values:{key}"] = packed_values(weight, mask)
-            out[f"{FPE_PREFIX}bitmask:{key}"] = pack_mask(mask)
+            out[f"{FPE_PREFIX}zmask:{key}"] = encode_zmask(mask)
             out[f"{FPE_PREFIX}shape:{key}"] = torch.tensor(list(weight.shape), dtype=torch.int64)
         else:
             out[key] = effective_weight(layer) if layer.mask is not None else layer.weight
@@ -278,8 +291,12 @@ def fpe_metadata(mlp: MLP, layout: str, extra: dict[str, str] | None = None) -> 
         "fpe.activation": mlp.activation,
         "fpe.layers": json.dumps([layer.weight_key for layer in mlp.layers]),
     })
+    needs = [BASE_FORMAT_VERSION]  # the oldest version that reads the file, so older fpe keeps reading what it can
     if any(layer.tied is not None for layer in mlp.layers):
-        meta["fpe.format_version"] = str(TIED_FORMAT_VERSION)  # untied files stay readable by older fpe
+        needs.append(TIED_FORMAT_VERSION)
+    if layout == "packed":
+        needs.append(ZMASK_FORMAT_VERSION)
+    meta["fpe.format_version"] = str(max(needs))
     return meta
 
 

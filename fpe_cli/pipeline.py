@@ -300,7 +300,7 @@ def params_report(model: Path, layers=None, activation=None) -> dict:
 def _bytes_of(ckpt: Checkpoint, layer) -> int:
     key = layer.weight_key
     names = [key, layer.bias_key, f"fpe.mask:{key}", f"fpe.children:{key}", f"fpe.tied:{key}", f"fpe.values:{key}",
-             f"fpe.bitmask:{key}", f"fpe.shape:{key}"]
+             f"fpe.zmask:{key}", f"fpe.bitmask:{key}", f"fpe.shape:{key}"]
     return sum(ckpt.tensor_bytes.get(n, 0) for n in names if n)
 
 

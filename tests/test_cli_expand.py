@@ -252,7 +252,7 @@ def test_inspect_json(tmp_path, deep_file):
     assert doc["metadata"]["fpe.budget"]["weights"] == 188
     assert doc["metadata"]["format"] == "pt"
     names = [t["name"] for t in doc["tensors"]]
-    assert "fpe.bitmask:0.weight" in names and names == sorted(names)
+    assert "fpe.zmask:0.weight" in names and names == sorted(names)
     plain = run_cli(["inspect", deep_file, "--json"]).json()
     assert plain["layout"] == "plain" and plain["expanded"] is False and plain["activation_source"] == "default"
 

@@ -45,7 +45,7 @@ def expand(
     clusters: Annotated[Optional[int], typer.Option(help="Feature clusters for --split gram. \\[default: 4*alpha]")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="With --split random: share one random partition among each group of this many consecutive parents (fast kernels).")] = None,
     expand_top: Annotated[Optional[float], typer.Option(help="Selective expansion: split only the N most polysemantic neurons per layer (a count, or a fraction < 1); the rest keep one child.")] = None,
-    layout: Annotated[str, typer.Option(help="Output storage: packed (values + bitmask) or dense (widened tensors + bool masks).")] = "packed",
+    layout: Annotated[str, typer.Option(help="Output storage: packed (values + compressed mask) or dense (widened tensors + bool masks).")] = "packed",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. \\[default: MODEL.fpe<alpha>.safetensors beside the input]")] = None,
     data: Annotated[Optional[str], typer.Option(help="Data set (npz or built-in name): test inputs probe the drift; train inputs calibrate --split activation.")] = None,
     probe_samples: Annotated[int, typer.Option(help="Probe inputs for the function drift; 0 skips it (the two forward passes cost about 6x the file I/O on large models).")] = 256,

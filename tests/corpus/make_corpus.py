@@ -248,16 +248,19 @@ def _model_cases(b: _Builder) -> None:
                                                                                   "bits set"])
 
     def padding(t, m):
+        _as_bitmask(t, m)
         bits = t["fpe.bitmask:0.weight"].clone()
         bits[0, 0] |= 0b1000_0000  # column 7 of a 6-column weight
         t["fpe.bitmask:0.weight"] = bits
     b.edit_tensors("packed_padding_bits_set", "packed.safetensors", padding, ["0.weight", "past column 6"])
 
     def bits_shape(t, m):
+        _as_bitmask(t, m)
         t["fpe.bitmask:2.weight"] = t["fpe.bitmask:2.weight"][:2].contiguous()
     b.edit_tensors("packed_bitmask_shape_wrong", "packed.safetensors", bits_shape, ["2.weight", "packed bitmask"])
 
     def huge_shape(t, m):
+        _as_bitmask(t, m)
         t["fpe.shape:0.weight"] = torch.tensor([2**40, 2**40], dtype=torch.int64)
     b.edit_tensors("packed_shape_huge", "packed.safetensors", huge_shape, ["0.weight", "packed bitmask"],
                    about="a 2^80-entry weight must be refused from the small bitmask, not allocated")
@@ -267,8 +270,10 @@ def _model_cases(b: _Builder) -> None:
     b.edit_tensors("packed_shape_int32", "packed.safetensors", shape_dtype, ["0.weight", "shape tensor"])
 
     def no_bits(t, m):
+        _as_bitmask(t, m)
         del t["fpe.bitmask:2.weight"]
-    b.edit_tensors("packed_bitmask_missing", "packed.safetensors", no_bits, ["2.weight", "lacks its bitmask"])
+    b.edit_tensors("packed_bitmask_missing", "packed.safetensors", no_bits, ["2.weight", "lacks its mask"])
+    _zmask_cases(b)
 
     def both(t, m):
         t["0.weight"] = torch.zeros(12, 6)
@@ -402,6 +407,59 @@ def _data_cases(b: _Builder) -> None:
     b.add("object_arrays", None, ["pickled"], kind="data", suffix=".npz")
     (b.root / "cases/not_a_zip.npz").write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
     b.add("not_a_zip", None, ["not a readable .npz"], kind="data", suffix=".npz")
+
+
+def _as_bitmask(t: dict[str, torch.Tensor], m: dict[str, str]) -> None:
+    """Rewrite a packed file's compressed masks as format version 1 bit rows (both are read)."""
+    from fpe_cli.masks import decode_zmask, pack_mask
+
+    for name in [n for n in t if n.startswith("fpe.zmask:")]:
+        key = name.split(":", 1)[1]
+        shape = tuple(int(s) for s in t[f"fpe.shape:{key}"])
+        t[f"fpe.bitmask:{key}"] = pack_mask(decode_zmask(t.pop(name), shape, key))
+    m["fpe.format_version"] = "1"
+
+
+def _zmask_cases(b: "_Builder") -> None:
+    """Compressed masks (format version 3) that do not decode to the weight's mask."""
+    import zlib
+
+    from fpe_cli.masks import _strips
+
+    def stream(data: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    def truncated(t, m):
+        t["fpe.zmask:0.weight"] = t["fpe.zmask:0.weight"][:-3].contiguous()
+    b.edit_tensors("zmask_truncated", "packed.safetensors", truncated, ["0.weight", "compressed mask"])
+
+    def trailed(t, m):
+        t["fpe.zmask:0.weight"] = torch.cat([t["fpe.zmask:0.weight"], torch.zeros(4, dtype=torch.uint8)])
+    b.edit_tensors("zmask_trailing_bytes", "packed.safetensors", trailed, ["0.weight", "compressed mask", "trailed"])
+
+    def garbage(t, m):
+        t["fpe.zmask:0.weight"] = stream(bytes(range(7, 40)))
+    b.edit_tensors("zmask_not_zlib", "packed.safetensors", garbage, ["0.weight", "not a valid zlib stream"])
+
+    def padding_row(t, m):  # 2.weight is 3 x 12: its one strip has a fourth, padding row
+        bits = np.zeros((4, 12), dtype=np.bool_)
+        bits[3, 5] = True
+        t["fpe.zmask:2.weight"] = stream(zlib.compress(_strips(bits).tobytes()))
+    b.edit_tensors("zmask_padding_row_set", "packed.safetensors", padding_row, ["2.weight", "past row 3"])
+
+    def huge_shape(t, m):
+        t["fpe.shape:0.weight"] = torch.tensor([2**40, 2**40], dtype=torch.int64)
+    b.edit_tensors("zmask_shape_huge", "packed.safetensors", huge_shape, ["0.weight", "cannot hold"],
+                   about="a 2^80-entry weight must be refused from the short stream, not inflated")
+
+    def two_masks(t, m):
+        from fpe_cli.masks import decode_zmask, pack_mask
+        t["fpe.bitmask:0.weight"] = pack_mask(decode_zmask(t["fpe.zmask:0.weight"], (12, 6)))
+    b.edit_tensors("zmask_and_bitmask", "packed.safetensors", two_masks, ["0.weight", "two masks"])
+
+    def flat_dtype(t, m):
+        t["fpe.zmask:0.weight"] = t["fpe.zmask:0.weight"].to(torch.int16)
+    b.edit_tensors("zmask_dtype", "packed.safetensors", flat_dtype, ["0.weight", "1-D uint8"])
 
 
 def make_corpus(root: Path) -> list[Case]:

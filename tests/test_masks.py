@@ -1,0 +1,99 @@
+"""The packed layout's mask encodings against plain reference computations (oracles)."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import make_sequential, save_module
+from fpe_cli import masks
+from fpe_cli.checkpoint import load_checkpoint, save_checkpoint
+from fpe_cli.errors import FPEError
+from fpe_cli.masks import decode_zmask, encode_zmask, pack_mask, unpack_mask
+
+
+def reference_stream(mask: np.ndarray) -> bytes:
+    """The format written out longhand: rows padded to strips of 4, each strip column by column."""
+    rows, cols = mask.shape
+    bits = []
+    for strip in range(0, -(-rows // 4) * 4, 4):
+        for col in range(cols):
+            bits.extend(bool(mask[r, col]) if r < rows else False for r in range(strip, strip + 4))
+    bits.extend([False] * (-len(bits) % 8))
+    return bytes(sum(bit << i for i, bit in enumerate(bits[j:j + 8])) for j in range(0, len(bits), 8))
+
+
+masks_strategy = st.tuples(st.integers(0, 19), st.integers(0, 19), st.floats(0, 1), st.integers(0, 2**31)).map(
+    lambda a: np.random.default_rng(a[3]).random((a[0], a[1])) < a[2])
+
+
+@settings(max_examples=60, deadline=None)
+@given(mask=masks_strategy, chunk=st.sampled_from([8, 16, 1 << 14]))
+def test_zmask_matches_the_longhand_format_and_round_trips(mask, chunk):
+    old = masks.CHUNK_ROWS
+    masks.CHUNK_ROWS = chunk  # small chunks cross the chunk boundaries in both directions
+    try:
+        stream = encode_zmask(torch.from_numpy(mask))
+        assert zlib.decompress(stream.numpy().tobytes()) == reference_stream(mask)
+        assert torch.equal(decode_zmask(stream, mask.shape), torch.from_numpy(mask))
+    finally:
+        masks.CHUNK_ROWS = old
+
+
+@settings(max_examples=30, deadline=None)
+@given(mask=masks_strategy)
+def test_version_1_bit_rows_round_trip(mask):
+    assert torch.equal(unpack_mask(pack_mask(torch.from_numpy(mask)), mask.shape), torch.from_numpy(mask))
+
+
+def test_zmask_refuses_streams_that_do_not_fit_the_shape():
+    mask = torch.from_numpy(np.random.default_rng(0).random((9, 7)) < 0.3)
+    stream = encode_zmask(mask)
+    for shape in [(9, 8), (13, 7), (2**40, 2**40)]:
+        with pytest.raises(FPEError, match="compressed mask"):
+            decode_zmask(stream, shape, "w")
+    with pytest.raises(FPEError, match="past row 9"):  # 9 rows pad to 12; claiming 10 exposes a zero row, 8 hides one
+        decode_zmask(encode_zmask(torch.ones(12, 7, dtype=torch.bool)), (9, 7), "w")
+
+
+def _expanded_file(tmp_path, widths, alpha, layout="packed"):
+    from fpe_cli.pipeline import ExpandOptions, expand_file
+
+    src = save_module(make_sequential(widths, seed=3), tmp_path / "m.safetensors")
+    out = tmp_path / f"m.{layout}.safetensors"
+    expand_file(ExpandOptions(src, alpha, output=out, layout=layout, force=True, probe_samples=0))
+    return src, out
+
+
+def test_version_1_packed_files_still_load_to_the_same_model(tmp_path):
+    from fpe_cli.stfile import read_safetensors, write_safetensors
+
+    _, out = _expanded_file(tmp_path, [10, 12, 12, 3], 2)
+    tensors, meta = read_safetensors(out)
+    for name in [n for n in tensors if n.startswith("fpe.zmask:")]:
+        key = name.split(":", 1)[1]
+        shape = tuple(int(s) for s in tensors[f"fpe.shape:{key}"])
+        tensors[f"fpe.bitmask:{key}"] = pack_mask(decode_zmask(tensors.pop(name), shape))
+    old = tmp_path / "v1.safetensors"
+    write_safetensors(old, tensors, {**meta, "fpe.format_version": "1"})
+    new, v1 = load_checkpoint(out).mlp, load_checkpoint(old).mlp
+    for a, b in zip(new.layers, v1.layers):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask)
+
+
+@pytest.mark.parametrize("widths", [[256, 256, 256, 256, 256], [128, 512, 128]])
+def test_packed_deep_model_within_target_size(tmp_path, widths):
+    # a middle layer is widened on both sides (alpha^2 entries per weight): as bit rows its mask alone
+    # cost 16 bits per float32 weight (1.35x for 5 layers); strips + zlib keep the file under 1.15x
+    src, out = _expanded_file(tmp_path, widths, 4)
+    assert out.stat().st_size <= 1.15 * src.stat().st_size
+    mlp = load_checkpoint(out).mlp
+    dense = tmp_path / "d.safetensors"
+    save_checkpoint(mlp, dense, "dense")
+    again = load_checkpoint(dense).mlp
+    assert all(torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask) for a, b in zip(mlp.layers, again.layers))
