@@ -83,22 +83,65 @@ def _packed_mask(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, i
     return unpack_mask(bits, shape, key)
 
 
+def _packed_shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """The shape each packed weight claims, checked before any mask is inflated.
+
+    A compressed mask can claim a far larger weight than the file's size (an all-zero strip stream
+    inflates ~1000-fold), so claims are checked against what the file holds physically (the bias,
+    the lineage) and against the memory that unpacking them would take.
+    """
+    shapes = {}
+    for name in [n for n in tensors if n.startswith(FPE_PREFIX + "values:")]:
+        key = name.split(":", 1)[1]
+        shape = tensors.get(f"{FPE_PREFIX}shape:{key}")
+        if shape is None or not any(f"{FPE_PREFIX}{kind}:{key}" in tensors for kind in ("zmask", "bitmask")):
+            raise FPEError(f"packed weight {key!r} lacks its mask or shape tensor")
+        if shape.dtype != torch.int64 or tuple(shape.shape) != (2,) or bool((shape < 0).any()):
+            raise FPEError(f"packed weight {key!r}: shape tensor must be int64 [out, in], found {shape.tolist()}")
+        if key in tensors:
+            raise FPEError(f"weight {key!r} is stored both packed and dense; which one is meant is unclear",
+                           "the file is corrupt or was edited; keep one of the two")
+        rows, cols = int(shape[0]), int(shape[1])
+        bias = tensors.get(key[: -len("weight")] + "bias") if key.endswith("weight") else None
+        children = tensors.get(f"{FPE_PREFIX}children:{key}")
+        for what, held in (("bias", bias), ("lineage", children)):
+            count = None if held is None else held.numel() if what == "bias" else int(held.to(torch.int64).sum())
+            if count is not None and count != rows:
+                raise FPEError(f"packed weight {key!r} claims {rows} rows but its {what} holds {count}",
+                               "the file is corrupt or was edited")
+        shapes[key] = (rows, cols)
+    _check_unpacked_size(tensors, shapes)
+    return shapes
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def _check_unpacked_size(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse files whose unpacked weights (values + bool mask per entry) could not fit in memory."""
+    need = {key: rows * cols * (tensors[f"{FPE_PREFIX}values:{key}"].element_size() + 1)
+            for key, (rows, cols) in shapes.items()}
+    available = _available_memory()
+    if need and available is not None and sum(need.values()) > available:
+        biggest = max(need, key=need.get)
+        raise FPEError(f"unpacking the packed weights takes {sum(need.values()) / 2**30:.1f} GiB ({biggest} claims "
+                       f"{shapes[biggest][0]}x{shapes[biggest][1]}), but only {available / 2**30:.1f} GiB of "
+                       "memory is available", "free memory, or check the file: its fpe.shape tensors may be corrupt")
+
+
 def _unpack_packed(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Replace `fpe.values/zmask (or bitmask)/shape:<key>` triples by dense weights; returns (tensors, masks)."""
     out = dict(tensors)
     masks = {}
-    for name in [n for n in tensors if n.startswith(FPE_PREFIX + "values:")]:
-        key = name.split(":", 1)[1]
-        shape = out.pop(f"{FPE_PREFIX}shape:{key}", None)
-        if shape is None or not any(f"{FPE_PREFIX}{kind}:{key}" in out for kind in ("zmask", "bitmask")):
-            raise FPEError(f"packed weight {key!r} lacks its mask or shape tensor")
-        if shape.dtype != torch.int64 or tuple(shape.shape) != (2,) or bool((shape < 0).any()):
-            raise FPEError(f"packed weight {key!r}: shape tensor must be int64 [out, in], found {shape.tolist()}")
-        if key in out:
-            raise FPEError(f"weight {key!r} is stored both packed and dense; which one is meant is unclear",
-                           "the file is corrupt or was edited; keep one of the two")
-        values = out.pop(name)
-        mask = _packed_mask(out, key, (int(shape[0]), int(shape[1])))
+    for key, shape in _packed_shapes(tensors).items():
+        del out[f"{FPE_PREFIX}shape:{key}"]
+        values = out.pop(f"{FPE_PREFIX}values:{key}")
+        mask = _packed_mask(out, key, shape)
         out[key], masks[key] = unpack_weight(values, mask, key)
     leftovers = [n for n in out if n.startswith(tuple(FPE_PREFIX + k for k in ("bitmask:", "zmask:", "shape:")))]
     if leftovers:

@@ -27,7 +27,7 @@ STRIP = 4  # rows per strip (alpha siblings at alpha 4); fixed by the format
 # (long runs of zero bytes, few repeated strings) and about 3x faster
 ZLIB_LEVEL, ZLIB_STRATEGY = 1, zlib.Z_RLE
 CHUNK_ROWS = 1 << 14  # rows encoded/decoded at a time (a multiple of 2*STRIP keeps chunks byte-aligned)
-MAX_ZLIB_RATIO = 1032  # deflate never expands its input more than this (RFC 1951 limits, rounded up)
+MAX_ZLIB_RATIO = 1032  # inflating yields at most ~1032 bytes per stream byte (RFC 1951's limit, rounded up)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ SPREAD = _spread_table()
 
 
 def _strips(block: np.ndarray) -> np.ndarray:
-    """bool (rows, cols), rows padded to STRIP -> the strip-order bit stream, packed little-endian."""
+    """bool (rows, cols) -> the strip-order bit stream (rows padded to STRIP here), packed little-endian."""
     rows, cols = block.shape
     if rows % STRIP:
         block = np.concatenate([block, np.zeros((STRIP - rows % STRIP, cols), dtype=np.bool_)])
@@ -100,7 +100,7 @@ def _inflate(stream: torch.Tensor, expected: int, name: str) -> np.ndarray:
                        "the weight's shape needs", "the file is corrupt or was edited")
     inflater = zlib.decompressobj()
     try:
-        raw = inflater.decompress(stream.numpy().tobytes(), expected)
+        raw = inflater.decompress(stream.numpy().tobytes(), max(expected, 1))  # 0 would mean "no limit"
     except zlib.error as exc:
         raise FPEError(f"{name}: compressed mask is not a valid zlib stream ({exc})", "the file is corrupt") from None
     if len(raw) != expected or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:

@@ -63,6 +63,21 @@ def test_zmask_refuses_streams_that_do_not_fit_the_shape():
         decode_zmask(encode_zmask(torch.ones(12, 7, dtype=torch.bool)), (9, 7), "w")
 
 
+@pytest.mark.parametrize("shape", [(0, 64), (64, 0), (3, 5)])
+def test_a_decompression_bomb_is_refused_without_inflating_it(shape):
+    import tracemalloc
+
+    bomb = torch.frombuffer(bytearray(zlib.compress(bytes(64 << 20), 9)), dtype=torch.uint8)  # 64 MiB of zeros
+    tracemalloc.start()
+    try:
+        with pytest.raises(FPEError, match="compressed mask"):
+            decode_zmask(bomb, shape, "w")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"inflated {peak} bytes for a {shape} mask"
+
+
 def _expanded_file(tmp_path, widths, alpha, layout="packed"):
     from fpe_cli.pipeline import ExpandOptions, expand_file
 

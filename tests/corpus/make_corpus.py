@@ -261,9 +261,9 @@ def _model_cases(b: _Builder) -> None:
 
     def huge_shape(t, m):
         _as_bitmask(t, m)
-        t["fpe.shape:0.weight"] = torch.tensor([2**40, 2**40], dtype=torch.int64)
-    b.edit_tensors("packed_shape_huge", "packed.safetensors", huge_shape, ["0.weight", "packed bitmask"],
-                   about="a 2^80-entry weight must be refused from the small bitmask, not allocated")
+        t["fpe.shape:0.weight"] = torch.tensor([12, 2**40], dtype=torch.int64)
+    b.edit_tensors("packed_shape_huge", "packed.safetensors", huge_shape, ["0.weight", "12x1099511627776", "GiB"],
+                   about="a 12 x 2^40 weight must be refused before anything is allocated")
 
     def shape_dtype(t, m):
         t["fpe.shape:0.weight"] = t["fpe.shape:0.weight"].to(torch.int32)
@@ -449,8 +449,16 @@ def _zmask_cases(b: "_Builder") -> None:
 
     def huge_shape(t, m):
         t["fpe.shape:0.weight"] = torch.tensor([2**40, 2**40], dtype=torch.int64)
-    b.edit_tensors("zmask_shape_huge", "packed.safetensors", huge_shape, ["0.weight", "cannot hold"],
-                   about="a 2^80-entry weight must be refused from the short stream, not inflated")
+    b.edit_tensors("zmask_shape_huge", "packed.safetensors", huge_shape, ["0.weight", "claims", "bias holds 12"],
+                   about="a 2^80-entry weight must be refused from what the file holds, not inflated")
+
+    def rows_unlike_lineage(t, m):  # a claim the bias cannot contradict (no bias), the lineage can
+        del t["0.bias"]
+        t["fpe.shape:0.weight"] = torch.tensor([4096, 6], dtype=torch.int64)
+        t["fpe.zmask:0.weight"] = stream(zlib.compress(bytes(4096 * 6 // 2)))
+        t["fpe.values:0.weight"] = torch.zeros(0)
+    b.edit_tensors("zmask_rows_unlike_lineage", "packed.safetensors", rows_unlike_lineage,
+                   ["0.weight", "claims 4096 rows", "lineage holds 12"])
 
     def two_masks(t, m):
         from fpe_cli.masks import decode_zmask, pack_mask
