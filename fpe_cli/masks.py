@@ -7,7 +7,7 @@ Two encodings:
   8*j + b, zero padded to a byte) and then zlib-compressed. Sibling children sit in consecutive
   rows and copied columns in consecutive columns, so a strip turns an expanded layer's structure
   into short repeated byte patterns that zlib removes: a middle layer of a deep model at alpha 4
-  costs about 3 bits per weight instead of 16.
+  costs about 4 bits per weight instead of 16.
 - `fpe.bitmask:<key>` (format version 1, still read): uint8 rows of little-endian bits, row r of a
   (rows, cols) mask is ceil(cols / 8) bytes, bit b of byte j is column 8*j + b.
 Readers reject non-zero padding, streams that are truncated, too long or trailed by other bytes.
