@@ -104,11 +104,12 @@ def _packed_shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int
         rows, cols = int(shape[0]), int(shape[1])
         bias = tensors.get(key[: -len("weight")] + "bias") if key.endswith("weight") else None
         children = tensors.get(f"{FPE_PREFIX}children:{key}")
-        for what, held in (("bias", bias), ("lineage", children)):
-            count = None if held is None else held.numel() if what == "bias" else int(held.to(torch.int64).sum())
-            if count is not None and count != rows:
-                raise FPEError(f"packed weight {key!r} claims {rows} rows but its {what} holds {count}",
-                               "the file is corrupt or was edited")
+        if bias is not None and bias.numel() != rows:
+            raise FPEError(f"packed weight {key!r} claims {rows} rows but its bias holds {bias.numel()}",
+                           "the file is corrupt or was edited")
+        if children is not None and int(children.to(torch.int64).sum()) != rows:
+            raise FPEError(f"lineage of {key}: children add up to {int(children.to(torch.int64).sum())}, but the "
+                           f"packed weight claims {rows} rows", "the file is corrupt or was edited")
         shapes[key] = (rows, cols)
     _check_unpacked_size(tensors, shapes)
     return shapes

@@ -458,7 +458,7 @@ def _zmask_cases(b: "_Builder") -> None:
         t["fpe.zmask:0.weight"] = stream(zlib.compress(bytes(4096 * 6 // 2)))
         t["fpe.values:0.weight"] = torch.zeros(0)
     b.edit_tensors("zmask_rows_unlike_lineage", "packed.safetensors", rows_unlike_lineage,
-                   ["0.weight", "claims 4096 rows", "lineage holds 12"])
+                   ["lineage of 0.weight", "children add up to 12", "claims 4096 rows"])
 
     def two_masks(t, m):
         from fpe_cli.masks import decode_zmask, pack_mask
