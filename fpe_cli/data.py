@@ -69,17 +69,20 @@ class Dataset:
 
 
 def _labels_problems(key: str, y: np.ndarray, n: int) -> list[str]:
+    if y.ndim not in (1, 2):
+        return [f"{key}: expected (N,) integer labels or an (N, C) 0/1 matrix, found shape {y.shape}"]
     problems = []
     if y.shape[:1] != (n,):
         x_key = key.replace("y_", "x_")
         problems.append(f"{key}: expected {n} labels to match {x_key} ({n} rows), found shape {y.shape}")
-    if y.ndim == 1 and not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):  # bool: classes 0/1
+    if y.ndim == 1 and y.dtype.kind in "USO":  # class names: number them (the same classes in both splits)
+        problems.append(f"{key}: expected integer class labels (N,), found {y.dtype} (class names? number them "
+                        "over both splits: ids = np.unique(np.concatenate([y_train, y_test]), return_inverse=True)[1])")
+    elif y.ndim == 1 and not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):  # bool: classes 0/1
         problems.append(f"{key}: expected integer class labels (N,), found {y.dtype} "
                         "(use y.astype(np.int64); multi-label targets are a 0/1 matrix (N, C))")
     elif y.ndim == 2 and not (np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_):
         problems.append(f"{key}: expected a 0/1 float matrix (N, C), found dtype {y.dtype}")
-    elif y.ndim not in (1, 2):
-        problems.append(f"{key}: expected (N,) integer labels or an (N, C) 0/1 matrix, found shape {y.shape}")
     elif np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
         problems.append(f"{key}: NaN or Inf labels")
     elif y.ndim == 1 and y.size and y.min() < 0:
@@ -97,9 +100,12 @@ def _input_problems(key: str, x: np.ndarray) -> list[str]:
     if x.ndim != 2:
         return [f"{key}: expected a 2-D array (N, d), found shape {x.shape} (flatten with x.reshape(len(x), -1))"]
     if not np.issubdtype(x.dtype, np.floating):
-        return [f"{key}: expected float inputs (N, d), found {x.dtype} (use x.astype(np.float32))"]
+        scale = " / 255 for 8-bit pixels" if x.dtype == np.uint8 else ""
+        return [f"{key}: expected float inputs (N, d), found {x.dtype} (use x.astype(np.float32){scale})"]
     if len(x) == 0:
         return [f"{key}: no samples (shape {x.shape}; every split needs at least one)"]
+    if x.shape[1] == 0:
+        return [f"{key}: no features (shape {x.shape}; expected (N, d) with d >= 1)"]
     if not np.isfinite(x).all():
         return [f"{key}: NaN or Inf inputs (expected finite floats)"]
     biggest = float(np.abs(x).max())
@@ -110,9 +116,8 @@ def _input_problems(key: str, x: np.ndarray) -> list[str]:
 
 def validate_arrays(arrays: dict[str, np.ndarray], where: str, num_classes: int | None = None) -> None:
     """Collect every problem of the four arrays and raise one FPEError listing them."""
-    missing = [k for k in KEYS if k not in arrays]
-    if missing:
-        raise FPEError(f"{where}: missing array(s) {', '.join(missing)}", EXPECTED)
+    if any(k not in arrays for k in KEYS):
+        _missing_keys(where, arrays)
     problems = _input_problems("x_train", arrays["x_train"]) + _input_problems("x_test", arrays["x_test"])
     for split in ("train", "test"):
         problems += _labels_problems(f"y_{split}", arrays[f"y_{split}"], len(arrays[f"x_{split}"]))
@@ -131,6 +136,33 @@ def validate_arrays(arrays: dict[str, np.ndarray], where: str, num_classes: int 
         raise FPEError(f"{where}: " + "; ".join(problems))
 
 
+SAVE = "np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)"
+X_NAMES = ("x", "X", "data", "features", "inputs", "input", "images", "x_all")
+Y_NAMES = ("y", "Y", "labels", "label", "target", "targets", "classes", "y_all")
+
+
+def _missing_keys(where: str, arrays: dict[str, np.ndarray]) -> None:
+    """Raise the error for an archive without the four arrays, naming what it holds and what to rename."""
+    missing = [k for k in KEYS if k not in arrays]
+    found = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
+    raise FPEError(f"{where}: missing array(s) {', '.join(missing)}; found {found or 'no arrays'}",
+                   _missing_hint(arrays, missing))
+
+
+def _missing_hint(arrays: dict[str, np.ndarray], missing: list[str]) -> str:
+    """What to rename: the same key in other case (`X_train`), or one unsplit x/y pair that needs a split."""
+    lower = {k.lower(): k for k in arrays}
+    renames = [f"{lower[k]} -> {k}" for k in missing if k in lower]
+    if renames:
+        return f"the names are lower-case: rename {', '.join(renames)}; {EXPECTED}"
+    x = next((k for k in X_NAMES if k in arrays), None)
+    y = next((k for k in Y_NAMES if k in arrays), None)
+    if x and y:
+        return (f"fpe needs a train and a test split: n = int(0.8 * len({x})); np.savez(path, x_train={x}[:n], "
+                f"y_train={y}[:n], x_test={x}[n:], y_test={y}[n:]) (shuffle first if the rows are sorted)")
+    return EXPECTED
+
+
 def from_arrays(name: str, arrays: dict[str, np.ndarray], num_classes: int | None = None,
                 info: dict | None = None) -> Dataset:
     """Validate numpy arrays and wrap them as a Dataset (inputs float32, labels int64 or float32)."""
@@ -146,6 +178,17 @@ def from_arrays(name: str, arrays: dict[str, np.ndarray], num_classes: int | Non
     return Dataset(name, xs[0], ys[0], xs[1], ys[1], multilabel, classes, dict(info or {}))
 
 
+def label_notes(dataset: Dataset) -> list[str]:
+    """Warnings about labels that are valid but probably not meant as read: a one-hot matrix is multi-label."""
+    if not dataset.multilabel or dataset.num_classes < 2:  # (N, 1): one binary label, not one-hot
+        return []
+    if not all(len(y) and bool((y.sum(dim=1) == 1).all()) for y in (dataset.y_train, dataset.y_test)):
+        return []
+    return [f"{dataset.name}: y_train {tuple(dataset.y_train.shape)} is one-hot (one 1 per row) and is read as "
+            f"{dataset.num_classes} independent 0/1 labels (BCE loss, exact-match accuracy, a logit > 0 predicts 1); "
+            "for single-label classes save the class ids y.argmax(1) instead"]
+
+
 def check_input_width(dataset: Dataset, d_in: int, key: str = "the model") -> None:
     if dataset.num_inputs != d_in:
         raise FPEError(
@@ -157,8 +200,19 @@ def check_output_width(dataset: Dataset, d_out: int, key: str = "the model") -> 
     if dataset.multilabel and dataset.num_outputs != d_out:
         raise FPEError(f"{dataset.name}: y_train has {dataset.num_outputs} labels per row but {key} has {d_out} outputs")
     if not dataset.multilabel and dataset.num_classes > d_out:
-        raise FPEError(f"{dataset.name}: labels go up to {dataset.num_classes - 1} but {key} has {d_out} outputs "
-                       f"(expected y_train (N,) with labels 0..{d_out - 1})")
+        ys = [y for y in (dataset.y_train, dataset.y_test) if y.numel()]
+        top, low = max(int(y.max()) for y in ys), min(int(y.min()) for y in ys)
+        if top < d_out:  # the labels fit: the file's num_classes asks for more outputs than the model has
+            raise FPEError(f"{dataset.name}: num_classes is {dataset.num_classes} but {key} has {d_out} outputs "
+                           f"(the labels go up to {top})", f"set num_classes={d_out} in the .npz, or leave it out")
+        if d_out == 1:
+            hint = ("a model with one output is a binary (multi-label) classifier here: save y as an (N, 1) 0/1 "
+                    "matrix, y.reshape(-1, 1)")
+        elif low >= 1 and top == d_out:
+            hint = f"the labels start at {low}: class ids are 0..{d_out - 1}, save y - 1"
+        else:
+            hint = f"expected y_train (N,) with labels 0..{d_out - 1}"
+        raise FPEError(f"{dataset.name}: labels go up to {top} but {key} has {d_out} outputs", hint)
 
 
 # ---------------------------------------------------------------- .npz files
@@ -171,13 +225,20 @@ def load_npz(path: Path) -> Dataset:
     if path.is_dir():
         raise FPEError(f"{path}: is a directory, expected an .npz file")
     _check_zip(path)  # an unreadable file is reported as such (permissions), not as a broken archive
+    key = None
     try:
         npz = np.load(path, allow_pickle=False)
         with npz:
-            arrays = {k: npz[k] for k in npz.files}
+            arrays = {}
+            for key in npz.files:  # one by one, so that an object array is named
+                arrays[key] = npz[key]
+                if not isinstance(arrays[key], np.ndarray):  # np.load hands members that are no .npy over as bytes
+                    raise FPEError(f"{path}: a zip archive whose member {key!r} is not a numpy array (a torch.save "
+                                   "file?), expected an .npz archive", f"save the arrays with {SAVE}")
     except ValueError as exc:
         if "pickle" in str(exc).lower():
-            raise FPEError(f"{path}: holds object (pickled) arrays, which are refused", "save plain numeric arrays") from None
+            raise FPEError(f"{path}: {key}: holds an object (pickled) array, which is refused",
+                           "save plain numeric or string arrays only (np.asarray(a, dtype=...))") from None
         raise FPEError(f"{path}: not a readable .npz archive ({exc})") from None
     except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise FPEError(f"{path}: not a readable .npz archive ({type(exc).__name__}: {exc})",
@@ -198,6 +259,8 @@ def _check_zip(path: Path) -> None:
         return
     if head.startswith(b"\x93NUMPY"):
         kind = "a single .npy array"
+    elif len(head) > 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000:
+        kind = "a safetensors file"  # 8-byte header length, then the JSON header
     elif not head:
         kind = "an empty file"
     elif head[:1] == b"\x80":
@@ -206,8 +269,17 @@ def _check_zip(path: Path) -> None:
         kind = "a text file (CSV?)"
     else:
         kind = "an unknown binary format"
-    raise FPEError(f"{path}: {kind}, expected an .npz archive",
-                   "save the arrays with np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)")
+    save = SAVE
+    if kind == "a safetensors file":
+        hint = ("fpe reads data sets from .npz: np.savez('data.npz', **safetensors.numpy.load_file(path)) "
+                f"with the keys of {save}")
+    elif kind.startswith("a text file"):
+        hint = (f"read it with a = np.loadtxt(path, delimiter=',', skiprows=1) (skiprows=0 without a header row), "
+                "x = a[:, :-1].astype(np.float32), y = a[:, -1].astype(np.int64) (label column last), "
+                f"split it and save {save}")
+    else:
+        hint = f"save the arrays with {save}"
+    raise FPEError(f"{path}: {kind}, expected an .npz archive", hint)
 
 
 def _scalar_int(value: np.ndarray | None, path: Path) -> int | None:
@@ -306,6 +378,9 @@ def _stratified_test_indices(y: np.ndarray, fraction: float, seed: int) -> np.nd
 def load_dataset(spec: str | Path) -> Dataset:
     """A data set from an `.npz` path or a built-in spec (`digits[:...]`, `dnf:...`)."""
     text = str(spec).strip()
+    if not text:
+        raise FPEError("the data set name is empty", "give an .npz file (x_train, y_train, x_test, y_test) "
+                       "or a built-in: digits, dnf:vars=32,clauses=8,k=3")
     name, _, rest = text.partition(":")
     if name == "digits":
         return load_digits_dataset(rest)

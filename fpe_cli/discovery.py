@@ -190,11 +190,27 @@ def _may_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> bool:
 
 
 def suggest_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> str:
-    """`--layers a,b,c` for the unique longest chain among `keys`, or '' when there is none."""
+    """`--layers a,b,c` for the unique longest chain among `keys`, or for each copy of the MLP when the
+    file holds several (an EMA or SWA copy beside the model: `0.weight` and `ema.0.weight`); else ''."""
     longest = _paths(keys, tensors, complete=False, by_family=False)
     if longest is not None and len(longest) == 1 and len(longest[0]) >= 2:
         return ", e.g. --layers " + ",".join(longest[0])
+    copies = _copies(keys, tensors)
+    if len(copies) > 1:
+        options = " or ".join(f"--layers {','.join(c)}" for c in copies)
+        return f"; the file holds {len(copies)} copies of an MLP: {options}"
     return ""
+
+
+def _copies(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Keys grouped by their name up to the layer number (`ema.0.weight` -> `ema.`), where each group is a
+    numbered family that chains in natural order and there is more than one such group."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        m = re.match(r"(.*?)\d+", k)
+        groups.setdefault(m.group(1) if m else k, []).append(k)
+    found = [g for g in groups.values() if len(g) >= 2 and numbered(g) and _chains(g, tensors)]
+    return found if len(found) > 1 and sum(map(len, found)) == len(keys) else []
 
 
 def order_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:

@@ -105,6 +105,9 @@ def analyze_files(paths: list[Path], data: str | None = None, top: int = 10, lay
     """The whole `fpe analyze`: one model, or a dense model and its expansion (fold changes via lineage)."""
     if top < 0:
         raise FPEError(f"--top must be >= 0, got {top}")
+    if samples is not None and data is None:
+        raise FPEError("--samples limits the --data probe set, and no --data was given",
+                       "pass --data, e.g. --data digits")
     ckpts = [load_checkpoint(p, layers, activation) for p in paths]
     roles = ["model"] if len(ckpts) == 1 else ["dense", "expanded"]
     if len(ckpts) == 2:
@@ -112,7 +115,7 @@ def analyze_files(paths: list[Path], data: str | None = None, top: int = 10, lay
         if (d_in, d_out) != (x_in, x_out):
             raise FPEError(f"{paths[1]} maps {x_in} -> {x_out} but {paths[0]} maps {d_in} -> {d_out}: "
                            "it was not expanded from it", "give the dense model first and its expansion second")
-    probe = load_probe(data, ckpts[0].mlp.layers[0].in_features, samples) if data else None
+    probe = load_probe(data, ckpts[0].mlp.layers[0].in_features, samples) if data is not None else None
     ticker = _Ticker(progress)
     batches = -(-probe.x.shape[0] // A.BATCH) if probe else 0
     ticker.start(sum(A.work_units(c.mlp, chunk) + batches for c in ckpts))

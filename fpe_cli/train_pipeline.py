@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .checkpoint import check_finite, load_checkpoint, save_checkpoint
-from .data import Dataset, check_input_width, check_output_width, load_dataset, write_clause_map, write_dataset_npz
+from .data import (Dataset, check_input_width, check_output_width, label_notes, load_dataset, write_clause_map,
+                   write_dataset_npz)
 from .distributed import context
 from .errors import FPEError, VerificationError
 from .stfile import check_writable
@@ -33,8 +34,9 @@ def parse_hidden(text: str) -> list[int]:
 
 def data_stem(spec: str) -> str:
     """`digits` -> digits, `dnf:vars=8` -> dnf, `path/to/set.npz` -> set."""
-    head = spec.split(":", 1)[0]
-    return Path(head).stem if head.endswith(".npz") else head
+    if spec.endswith(".npz") or Path(spec).is_file():  # a path may hold ':' (runs/a:b/set.npz)
+        return Path(spec).stem
+    return spec.split(":", 1)[0]
 
 
 def state_path_for(output: Path) -> Path:
@@ -51,6 +53,22 @@ def _data_record(dataset: Dataset) -> dict:
 def _counts(mlp) -> dict:
     total = model_counts(mlp)["total"]
     return {k: total[k] for k in ("weights", "nonzero_weights", "biases", "hidden_neurons")}
+
+
+def _not_in_chain(ckpt, what: str) -> list[str]:
+    """A note naming the tensors of the file that are not part of the MLP chain (a norm, an embedding)."""
+    if not ckpt.unused:
+        return []
+    shown = ", ".join(ckpt.unused[:8]) + (f", ... ({len(ckpt.unused)} tensors)" if len(ckpt.unused) > 8 else "")
+    return [f"{ckpt.path}: not part of the MLP chain, so {what}: {shown}"]
+
+
+def _check_classes(dataset: Dataset) -> None:
+    """A classifier trained on one class learns nothing (its loss is 0 from the start)."""
+    if not dataset.multilabel and dataset.num_classes < 2:
+        label = int(dataset.y_train[0])
+        raise FPEError(f"{dataset.name}: every label is {label}: a classifier needs at least two classes",
+                       "check the labels, or store num_classes in the .npz when a class is missing from this sample")
 
 
 def data_inputs(data: str) -> tuple[Path, ...]:
@@ -90,8 +108,10 @@ def _no_state_after_failed_checks(state: Path, checkpoint_every: int) -> Iterato
 
 
 def _finish(output: Path, state: Path, checkpoint_every: int) -> None:
-    """The output is safely written: the resume state has served its purpose."""
-    if checkpoint_every and context().is_main:
+    """The output is safely written: the resume state has served its purpose. Also without
+    --checkpoint-every: a state left by an interrupted earlier run (--force started over, or --resume
+    continued it) would otherwise outlive the output and be taken for this run's."""
+    if context().is_main:
         state.unlink(missing_ok=True)
 
 
@@ -120,6 +140,7 @@ def train_file(data: str, hidden: list[int], activation: str, cfg: TrainConfig, 
                checkpoint_every: int = 0, resume: bool = False, callback: Callback = None) -> dict:
     check_checkpoint_every(checkpoint_every)
     dataset = load_dataset(data)
+    _check_classes(dataset)
     output = output or Path(f"{data_stem(data)}_mlp.safetensors")
     state = state_path_for(output)
     check_run_outputs(output, state, data_inputs(data), force, resume)
@@ -132,8 +153,14 @@ def train_file(data: str, hidden: list[int], activation: str, cfg: TrainConfig, 
             "fpe.train.metrics": json.dumps({k: metrics[k] for k in ("train", "test")}, sort_keys=True)}
     size = save_checkpoint(mlp, output, "plain", meta, force=force) if context().is_main else 0
     _finish(output, state, checkpoint_every)
-    return {"output": str(output), "bytes": size, "widths": mlp.widths, "settings": settings,
-            "data": dataset.summary(), "counts": _counts(mlp), **metrics}
+    doc = {"output": str(output), "bytes": size, "widths": mlp.widths, "settings": settings,
+           "data": dataset.summary(), "counts": _counts(mlp), **metrics}
+    return _with_notes(doc, label_notes(dataset))
+
+
+def _with_notes(doc: dict, notes: list[str]) -> dict:
+    """`notes`: warnings for the user (printed on stderr), only when there are any."""
+    return {**doc, "notes": notes} if notes else doc
 
 
 def default_finetune_output(model: Path) -> Path:
@@ -162,18 +189,21 @@ def finetune_file(model: Path, data: str, cfg: TrainConfig, output: Path | None,
             "fpe.finetune.source_file": json.dumps(model.name)}
     size = save_checkpoint(tuned, output, ckpt.layout, meta, force=force) if context().is_main else 0
     _finish(output, state, checkpoint_every)
-    return {"model": str(model), "output": str(output), "layout": ckpt.layout, "bytes": size, "settings": settings,
-            "data": dataset.summary(), "counts": _counts(tuned), "counts_before": _counts(ckpt.mlp), **metrics}
+    doc = {"model": str(model), "output": str(output), "layout": ckpt.layout, "bytes": size, "settings": settings,
+           "data": dataset.summary(), "counts": _counts(tuned), "counts_before": _counts(ckpt.mlp),
+           "dropped_tensors": ckpt.unused, **metrics}  # in the input but not part of the MLP chain: not written
+    return _with_notes(doc, label_notes(dataset) + _not_in_chain(ckpt, "not trained and not written"))
 
 
 def evaluate_files(models: list[Path], data: str, layers: list[str] | None = None, activation: str | None = None) -> dict:
     dataset = load_dataset(data)
-    rows = []
+    rows, notes = [], label_notes(dataset)
     for path in models:
         ckpt = load_checkpoint(path, layers, activation)
+        notes += _not_in_chain(ckpt, "not applied")
         check_input_width(dataset, ckpt.mlp.layers[0].in_features, f"{path} ({ckpt.mlp.layers[0].weight_key})")
         check_output_width(dataset, ckpt.mlp.layers[-1].out_features, f"{path} ({ckpt.mlp.layers[-1].weight_key})")
         rows.append({"model": str(path), "sha256": ckpt.sha256, "layout": ckpt.layout, "widths": ckpt.mlp.widths,
                      "expanded": ckpt.mlp.is_expanded, **_counts(ckpt.mlp),
                      "test": evaluate(ckpt.mlp, dataset, "test"), "train": evaluate(ckpt.mlp, dataset, "train")})
-    return {"data": dataset.summary(), "models": rows}
+    return _with_notes({"data": dataset.summary(), "models": rows}, notes)

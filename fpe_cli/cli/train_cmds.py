@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..distributed import is_main_process
@@ -51,6 +52,14 @@ def _say(doc: dict, json_out: bool, quiet: bool, text: str) -> None:
     if not is_main_process():
         return
     emit_json(doc) if json_out else note(text, quiet)
+    _notes(doc, json_out or quiet)
+
+
+def _notes(doc: dict, quiet: bool) -> None:
+    """Warnings the workflow collected (one-hot labels read as multi-label, tensors outside the chain);
+    in --json mode they are the document's `notes`."""
+    for text in doc.get("notes", []):
+        note(f"[yellow]note:[/] {escape(text)}", quiet)
 
 
 def _acc(metrics: dict) -> str:
@@ -134,6 +143,7 @@ def evaluate(
     """
     doc = evaluate_files(models, data, parse_layers(layers), activation)
     emit_json(doc) if json_out else out_console.print(evaluation_table(doc))
+    _notes(doc, json_out)
 
 
 def evaluation_table(doc: dict) -> Table:
