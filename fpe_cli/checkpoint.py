@@ -236,6 +236,8 @@ def normalize_activation(text: str) -> str:
 
 
 def _resolve_activation(metadata: dict[str, str], flag: str | None) -> tuple[str, str]:
+    if flag is not None and not flag.strip():
+        raise FPEError("--activation is empty", "name one, e.g. --activation gelu, or leave the flag out")
     if flag:
         name = normalize_activation(flag)
         activation_fn(name)

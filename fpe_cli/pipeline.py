@@ -120,7 +120,9 @@ def calibration_inputs(ckpt: Checkpoint, data: str | None, samples: int) -> torc
 def probe_inputs(ckpt: Checkpoint, data: str | None, samples: int, seed: int) -> tuple[torch.Tensor, str]:
     d_in = ckpt.mlp.layers[0].in_features
     if data:
-        return _load_data(ckpt, data).x_test[:samples].to(torch.float32), f"{data} (test split, first {samples})"
+        x_test = _load_data(ckpt, data).x_test
+        x = x_test[:samples].to(torch.float32)
+        return x, f"{data} (test split, first {len(x)} of {len(x_test)})"
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(samples, d_in, generator=gen), f"{samples} standard-normal inputs (seed {seed})"
 

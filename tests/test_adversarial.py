@@ -331,3 +331,41 @@ def test_analyze_csv_keeps_a_non_utf8_model_name(tmp_path):
                          capture_output=True)
     assert res.returncode == 0, res.stderr
     assert b"mod\xe9l.safetensors" in (tmp_path / "n.csv").read_bytes()
+
+
+# ---------------------------------------------------------------- leftovers of the second QA round
+
+
+def test_empty_activation_flag_is_refused_not_read_as_absent(tmp_path):
+    src = tmp_path / "m.safetensors"
+    save_file({k: v.detach() for k, v in nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).state_dict().items()},
+              str(src))
+    assert_one_error_line(run_cli(["params", src, "--activation", " "]), "--activation is empty")
+
+
+def test_drift_probe_names_the_rows_it_really_used(tmp_path):
+    src = tmp_path / "m.safetensors"
+    save_file({k: v.detach() for k, v in nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).state_dict().items()},
+              str(src))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=rng.normal(size=(40, 6)).astype(np.float32), y_train=rng.integers(0, 3, 40),
+             x_test=rng.normal(size=(20, 6)).astype(np.float32), y_test=rng.integers(0, 3, 20))
+    doc = _ok(["expand", src, "--alpha", "2", "--data", tmp_path / "d.npz", "-o", tmp_path / "e.safetensors"])
+    assert doc["drift"]["probe"].endswith("(test split, first 20 of 20)")
+
+
+def test_ctrl_c_while_the_cli_imports_is_one_error_line(tmp_path):
+    import subprocess
+    import sys
+
+    # an import hook raises KeyboardInterrupt where a real Ctrl-C would land: inside the command imports
+    code = ("import sys\n"
+            "class Hook:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'fpe_cli.cli.train_cmds':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Hook())\n"
+            "from fpe_cli.cli import main\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 130
+    assert res.stderr.strip() == "Error: interrupted"

@@ -11,16 +11,26 @@ import sys
 
 from typer.exceptions import TyperException
 
-from .common import app
-
 COMMAND_MODULES = ("expand_cmds", "train_cmds", "analyze_cmds")
 
-for _name in COMMAND_MODULES:  # importing a module registers its commands on `app`
-    try:
-        importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as exc:  # pragma: no cover - only while a module is being written
-        if exc.name != f"{__name__}.{_name}":
-            raise
+
+def _register_commands() -> None:
+    """Import the command modules (importing one registers its commands on `app`)."""
+    for name in COMMAND_MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:  # pragma: no cover - only while a module is being written
+            if exc.name != f"{__name__}.{name}":
+                raise
+
+
+try:  # the imports (torch) take seconds: Ctrl-C during them is an interruption, not a traceback
+    from .common import app
+
+    _register_commands()
+except KeyboardInterrupt:  # pragma: no cover - timing-dependent; tested through a subprocess
+    print("Error: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 
 def _terminate(signum, frame) -> None:  # noqa: ARG001
