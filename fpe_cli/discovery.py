@@ -287,7 +287,50 @@ def discover_layers(tensors: dict[str, torch.Tensor], layer_names: list[str] | N
     if problems:
         raise FPEError("the layers do not form an MLP chain: " + "; ".join(problems), "name the layers with --layers")
     used = {k for layer in layers for k in (layer.weight_key, layer.bias_key) if k}
-    return layers, sorted(set(user) - used, key=natural_key)
+    unused = sorted(set(user) - used, key=natural_key)
+    if not layer_names:  # named layers are the user's choice to leave the rest out
+        _refuse_norms_inside(layers, {k: user[k] for k in unused})
+    return layers, unused
+
+
+NORM_STATS = ("running_mean", "running_var")
+
+
+def _norm_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Tensors of a normalization layer -> its width: a 1-D weight with a bias of the same shape
+    (LayerNorm/BatchNorm affine parameters) or BatchNorm's running statistics."""
+    found = {}
+    for key, t in tensors.items():
+        if t.ndim != 1:
+            continue
+        if key.endswith(NORM_STATS):
+            found[key] = t.numel()
+        elif key.lower().endswith("weight"):
+            bias = next((b for b in bias_candidates(key) if b in tensors), None)
+            if bias is not None and tuple(tensors[bias].shape) == tuple(t.shape):
+                found[key] = found[bias] = t.numel()
+    return found
+
+
+def _refuse_norms_inside(layers: list[Layer], unused: dict[str, torch.Tensor]) -> None:
+    """A normalization layer whose width is a hidden width sits inside the chain (under its own name,
+    e.g. `fc1`, `bn1`, `fc2`): expanding, evaluating or fine-tuning the linear layers without it would
+    silently compute another network. Norms at the input or output width stay outside (noted)."""
+    hidden = {layer.out_features: i for i, layer in enumerate(layers[:-1])}
+    inside = {k: n for k, n in _norm_tensors(unused).items() if n in hidden}
+    if not inside:
+        return
+    names = sorted(inside, key=natural_key)
+    width = inside[names[0]]
+    chain = ",".join(layer.weight_key for layer in layers)
+    raise FPEError(
+        f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: a normalization layer (BatchNorm/LayerNorm) "
+        f"of width {width}, the output width of {layers[hidden[width]].weight_key}, so it sits inside the MLP; "
+        "fpe expands plain MLPs (linear layers and one activation), and leaving it out would change the network",
+        "fold it into the linear layer it follows and save again (Linear -> BatchNorm, eval mode: scale = "
+        "weight / sqrt(running_var + eps); W *= scale[:, None]; b = (b - running_mean) * scale + bias), or use the "
+        f"linear layers alone, leaving the norm out of every output: --layers {chain}",
+    )
 
 
 def _make_layer(key: str, tensors: dict[str, torch.Tensor]) -> Layer:

@@ -210,11 +210,18 @@ def test_tensors_outside_the_chain_are_named_by_evaluate_and_finetune(tmp_path):
     save_file(net.state_dict(), str(tmp_path / "bn.safetensors"))
     x, y = _xy()
     _npz(tmp_path / "d.npz", x, y)
-    res = run_cli(["evaluate", tmp_path / "bn.safetensors", "--data", tmp_path / "d.npz"])
+    # the norm sits inside the chain (width 8 = fc1's outputs): refused unless the linear layers are named
+    for command in (["evaluate"], ["finetune", "--epochs", "1"], ["expand", "--alpha", "2"]):
+        res = run_cli([command[0], tmp_path / "bn.safetensors", *command[1:], "--data", tmp_path / "d.npz"])
+        assert_one_error_line(res, "normalization layer", "bn.running_mean", "width 8", "fc1.weight",
+                              "--layers fc1.weight,fc2.weight")
+    named = ["--layers", "fc1.weight,fc2.weight"]
+    res = run_cli(["evaluate", tmp_path / "bn.safetensors", "--data", tmp_path / "d.npz", *named])
     assert res.exit_code == 0 and "not part of the MLP chain, so not applied" in res.stderr
     assert "bn.running_mean" in res.stderr
     out = tmp_path / "ft.safetensors"
-    doc = _ok(["finetune", tmp_path / "bn.safetensors", "--data", tmp_path / "d.npz", "--epochs", "1", "-o", out])
+    doc = _ok(["finetune", tmp_path / "bn.safetensors", "--data", tmp_path / "d.npz", "--epochs", "1", "-o", out,
+               *named])
     assert "bn.num_batches_tracked" in doc["dropped_tensors"] and any("not written" in n for n in doc["notes"])
     assert not any(k.startswith("bn.") for k in load_file(str(out)))
     plain = tmp_path / "plain.safetensors"

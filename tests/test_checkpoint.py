@@ -349,6 +349,8 @@ def test_expand_reports_tensors_it_does_not_carry(tmp_path):
 
     _save(WithNorm().state_dict(), str(tmp_path / "m.safetensors"), metadata={"activation": "nn.ReLU"})
     res = run_cli(["expand", tmp_path / "m.safetensors", "--alpha", "2", "--json"])
+    assert res.exit_code == 2 and "normalization layer" in res.stderr  # inside the chain: refused unless named
+    res = run_cli(["expand", tmp_path / "m.safetensors", "--alpha", "2", "--json", "--layers", "fc1.weight,fc2.weight"])
     assert res.exit_code == 0, res.stderr
     doc = _json.loads(res.stdout)
     assert "bn1.running_mean" in doc["dropped_tensors"] and doc["activation_source"] == "metadata"
