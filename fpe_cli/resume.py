@@ -24,18 +24,35 @@ if TYPE_CHECKING:  # type hints only: train.py imports this module
 STATE_VERSION = 1
 
 
-def fingerprint(mlp: MLP, cfg: TrainConfig, data_sha: str) -> str:
-    """What a resume state must match: the starting weights and masks, the settings, the data."""
-    digest = hashlib.sha256(json.dumps([asdict(cfg), data_sha, mlp.activation]).encode())
+def fingerprint(mlp: MLP, cfg: TrainConfig, data_sha: str) -> dict:
+    """What a resume state must match: the starting weights and masks, the settings, the data.
+
+    `digest` covers all of it; the parts are kept beside it so that a mismatch can be named.
+    """
+    settings = asdict(cfg)
+    digest = hashlib.sha256(json.dumps([settings, data_sha, mlp.activation]).encode())
+    model = hashlib.sha256()
     for layer in mlp.layers:
         for t in (layer.weight, layer.bias, layer.mask):
             if t is not None:
-                digest.update(f"{t.dtype}{tuple(t.shape)}".encode() + t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+                chunk = f"{t.dtype}{tuple(t.shape)}".encode() + t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                digest.update(chunk)
+                model.update(chunk)
+    return {"digest": digest.hexdigest(), "settings": settings, "data_sha256": data_sha,
+            "activation": mlp.activation, "model_sha256": model.hexdigest()}
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    """What differs between the run that wrote a state and this one, in words."""
+    out = [f"{key} {saved['settings'].get(key)!r} -> {value!r}"
+           for key, value in now["settings"].items() if saved.get("settings", {}).get(key) != value]
+    out += [what for key, what in (("data_sha256", "the data"), ("model_sha256", "the starting model"),
+                                   ("activation", "the activation")) if saved.get(key) != now[key]]
+    return out
 
 
 def save_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, gen: torch.Generator,
-               epoch: int, fp: str) -> None:
+               epoch: int, fp: dict) -> None:
     tensors = {f"model.{k}": v.detach().cpu() for k, v in module.named_parameters()}
     tensors.update({"rng.shuffle": gen.get_state(), "rng.torch": torch.get_rng_state()})
     scalars = {}
@@ -46,11 +63,12 @@ def save_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, 
             else:
                 scalars[f"{index}.{name}"] = value
     meta = {"fpe.kind": "resume-state", "fpe.resume": json.dumps(
-        {"version": STATE_VERSION, "epoch": epoch, "fingerprint": fp, "optim_scalars": scalars}, sort_keys=True)}
+        {"version": STATE_VERSION, "epoch": epoch, "fingerprint": fp["digest"], "run": fp, "optim_scalars": scalars},
+        sort_keys=True)}
     write_safetensors(path, tensors, meta, force=True)
 
 
-def load_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, gen: torch.Generator, fp: str,
+def load_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, gen: torch.Generator, fp: dict,
                epochs: int | None = None) -> int:
     """Restore everything `save_state` wrote; returns the number of epochs already done.
 
@@ -81,15 +99,17 @@ def _check_state_tensors(tensors: dict, module: MaskedMLP, optimizer: torch.opti
                 raise ValueError(f"{key} has shape {tuple(value.shape)}, expected {tuple(params[index].shape)}")
 
 
-def _load_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, gen: torch.Generator, fp: str) -> int:
+def _load_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, gen: torch.Generator, fp: dict) -> int:
     if not Path(path).exists():
         raise FPEError(f"{path}: no resume state to continue from", "run without --resume to start from the beginning")
     tensors, meta = read_safetensors(Path(path))
     info = json.loads(meta.get("fpe.resume", "{}")) if meta.get("fpe.kind") == "resume-state" else {}
     if not isinstance(info, dict) or info.get("version") != STATE_VERSION:
         raise FPEError(f"{path}: not an fpe resume state (or from another version)", "delete it and start again")
-    if info["fingerprint"] != fp:
-        raise FPEError(f"{path}: this resume state belongs to another run (model, data or settings differ)",
+    if info["fingerprint"] != fp["digest"]:
+        saved = info.get("run")
+        what = ", ".join(_differences(saved, fp)) if isinstance(saved, dict) else ""
+        raise FPEError(f"{path}: this resume state belongs to another run ({what or 'model, data or settings differ'})",
                        "rerun with the same model, --data and settings, or without --resume")
     _check_state_tensors(tensors, module, optimizer)
     with torch.no_grad():

@@ -184,8 +184,10 @@ def test_resume_refuses_another_run_and_a_missing_state(tmp_path):
     ds, mlp = blobs(), masked_mlp()
     state = tmp_path / "s.safetensors"
     finetune(mlp, ds, epochs=2, batch_size=16, checkpoint_every=1, state_path=state)
-    with pytest.raises(FPEError, match="belongs to another run"):
+    with pytest.raises(FPEError, match=r"belongs to another run \(lr 0.001 -> 0.5\)"):
         finetune(mlp, ds, epochs=2, batch_size=16, lr=0.5, checkpoint_every=1, state_path=state, resume=True)
+    with pytest.raises(FPEError, match=r"another run \(the data\)"):
+        finetune(mlp, blobs(seed=9), epochs=2, batch_size=16, checkpoint_every=1, state_path=state, resume=True)
     with pytest.raises(FPEError, match="no resume state"):
         finetune(mlp, ds, epochs=2, state_path=tmp_path / "none.safetensors", resume=True)
 
