@@ -30,3 +30,32 @@ def test_help_has_an_example(name):
     res = run_cli([name, "--help"])
     assert res.exit_code == 0
     assert "Example" in res.stdout and f"fpe {name}" in res.stdout
+
+
+def _python_blocks(containing: str) -> list[str]:
+    blocks = README.split("```python\n")[1:]
+    return [b.split("```", 1)[0] for b in blocks if containing in b.split("```", 1)[0]]
+
+
+def test_the_readme_snippets_that_load_each_layout_without_fpe_work(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from fpe_cli.checkpoint import load_checkpoint
+
+    sample = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "digits_mlp.safetensors"  # 64-32-10
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["expand", sample, "--alpha", "4", "-o", "model.fpe4.safetensors"]).exit_code == 0
+    assert run_cli(["expand", sample, "--alpha", "4", "--layout", "dense", "-o", "model.fpe4.dense.safetensors"]).exit_code == 0
+    expected = load_checkpoint(tmp_path / "model.fpe4.safetensors").mlp.layers[0]
+
+    (packed,) = _python_blocks('"fpe.zmask:0.weight"')
+    scope: dict = {}
+    exec(packed, scope)  # noqa: S102 - the README's own snippet, run as a reader would
+    assert np.array_equal(scope["mask"], expected.mask.numpy())
+    assert np.array_equal(scope["w"], expected.weight.numpy())
+
+    (dense,) = _python_blocks("load_state_dict")
+    scope = {}
+    exec(dense, scope)  # noqa: S102
+    assert torch.equal(scope["net"][0].weight.detach(), expected.weight)
