@@ -59,3 +59,14 @@ def test_the_readme_snippets_that_load_each_layout_without_fpe_work(tmp_path, mo
     scope = {}
     exec(dense, scope)  # noqa: S102
     assert torch.equal(scope["net"][0].weight.detach(), expected.weight)
+
+
+def test_help_and_usage_errors_do_not_import_torch():
+    """`fpe --help` answers in a fraction of a second: torch (over a second to import) loads only when a
+    command runs."""
+    import subprocess
+    import sys
+
+    code = "import sys, fpe_cli.cli; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr

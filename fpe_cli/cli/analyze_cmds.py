@@ -9,7 +9,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import report_analysis as report
 from .common import (ActivationOpt, ForceOpt, JsonOpt, LayersOpt, ModelArg, QuietOpt, app, emit_json, err_console,
                      handle_errors, note, out_console, parse_layers)
 
@@ -38,6 +37,7 @@ def analyze(
     Example:  fpe analyze model.safetensors model.fpe4.safetensors --data digits --plots plots/
     """
     from .. import plots as plotting  # matplotlib itself is imported only when --plots asks for it
+    from .. import report_analysis as report  # the library (and torch) load when the command runs, not for --help
 
     report.check_outputs(csv, plots, force, inputs=(model, expanded, Path(data) if data and Path(data).exists() else None))
     plotting.check_plot_targets(plots, force)

@@ -9,9 +9,15 @@ import typer
 
 from .. import report
 from ..errors import FPEError
-from ..pipeline import ExpandOptions, convert_file, expand_file, inspect_report, params_report, verify_file
 from .common import (ActivationOpt, ForceOpt, JsonOpt, LayersOpt, ModelArg, QuietOpt, app, emit_json,
                      err_console, handle_errors, out_console, parse_layers, working)
+
+
+def _pipeline():
+    """The library (and torch) load when a command runs, not for --help or a usage error."""
+    from .. import pipeline
+
+    return pipeline
 
 
 def _split_list(value: str | None) -> list[str]:
@@ -68,12 +74,12 @@ def expand(
     alpha = _parse_alpha(alpha)
     if layout not in ("packed", "dense"):  # before the work, not when writing (plain cannot hold masks)
         raise FPEError(f"unknown layout {layout!r} for an expanded model", "choose one of: packed, dense")
-    opts = ExpandOptions(model, alpha, split, seed, outgoing, _split_list(targets), _split_list(ignore), recipe, plan,
+    opts = _pipeline().ExpandOptions(model, alpha, split, seed, outgoing, _split_list(targets), _split_list(ignore), recipe, plan,
                          save_plan, clause_map, clusters, group_size, layout, output, force, parse_layers(layers), activation, data)
     opts.expand_top = expand_top
     opts.probe_samples = probe_samples
     with working(f"expanding {model} ...", quiet or json_out):
-        doc = expand_file(opts)
+        doc = _pipeline().expand_file(opts)
     emit_json(doc) if json_out else None if quiet else report.render_expand(doc, err_console)
 
 
@@ -84,7 +90,7 @@ def params(model: ModelArg, layers: LayersOpt = None, activation: ActivationOpt 
 
     Example:  fpe params model.fpe4.safetensors --json | jq .total.weights
     """
-    doc = params_report(model, parse_layers(layers), activation)
+    doc = _pipeline().params_report(model, parse_layers(layers), activation)
     emit_json(doc) if json_out else report.render_params(doc, out_console)
 
 
@@ -95,7 +101,7 @@ def inspect(model: ModelArg, layers: LayersOpt = None, activation: ActivationOpt
 
     Example:  fpe inspect model.safetensors
     """
-    doc = inspect_report(model, parse_layers(layers), activation)
+    doc = _pipeline().inspect_report(model, parse_layers(layers), activation)
     emit_json(doc) if json_out else report.render_inspect(doc, out_console)
 
 
@@ -115,7 +121,7 @@ def verify(
 
     Example:  fpe verify model.fpe4.safetensors --source model.safetensors
     """
-    doc = verify_file(model, source, parse_layers(layers), activation)
+    doc = _pipeline().verify_file(model, source, parse_layers(layers), activation)
     emit_json(doc) if json_out else report.render_verify(doc, out_console)
 
 
@@ -134,5 +140,5 @@ def convert(
 
     Example:  fpe convert model.fpe4.safetensors --layout dense -o model.fpe4.dense.safetensors
     """
-    doc = convert_file(model, layout, output, force, parse_layers(layers), activation)
+    doc = _pipeline().convert_file(model, layout, output, force, parse_layers(layers), activation)
     emit_json(doc) if json_out else report.render_convert(doc, err_console)

@@ -11,9 +11,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..distributed import is_main_process
-from ..train import TrainConfig
-from ..train_pipeline import data_file, evaluate_files, finetune_file, parse_hidden, train_file
 from .common import (ActivationOpt, ForceOpt, JsonOpt, LayersOpt, ModelArg, QuietOpt, app, emit_json, err_console,
                      handle_errors, note, out_console, parse_layers)
 
@@ -28,6 +25,25 @@ DecayOpt = Annotated[float, typer.Option(help="Weight decay (L2 for adam/sgd, de
 SeedOpt = Annotated[int, typer.Option(help="Seed for initialisation and shuffling.")]
 EveryOpt = Annotated[int, typer.Option(help="Write a resume state every N epochs (OUT.resume.safetensors, removed on success); 0: never.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the resume state of an interrupted run with the same settings.")]
+
+
+def _workflows():
+    """The library (and torch) load when a command runs, not for --help or a usage error."""
+    from .. import train_pipeline
+
+    return train_pipeline
+
+
+def is_main_process() -> bool:
+    from ..distributed import is_main_process as main_process
+
+    return main_process()
+
+
+def _config(*args):
+    from ..train import TrainConfig
+
+    return TrainConfig(*args)
 
 
 @contextlib.contextmanager
@@ -78,7 +94,7 @@ def data(
 
     Example:  fpe data dnf:vars=48,clauses=16,k=3,seed=0 -o dnf.npz --clause-map clauses.json
     """
-    doc = data_file(name, output, clause_map, force)
+    doc = _workflows().data_file(name, output, clause_map, force)
     d = doc["data"]
     _say(doc, json_out, quiet, f"wrote {output} ({d['train']} train / {d['test']} test, {d['inputs']} inputs, "
                                f"{d['outputs']} {'labels' if d['multilabel'] else 'classes'})"
@@ -100,9 +116,9 @@ def train(
 
     Example:  fpe train --data digits --hidden 32 --epochs 30 --seed 0 -o digits_mlp.safetensors
     """
-    cfg = TrainConfig(epochs, lr, batch_size, optimizer, momentum, weight_decay, seed)
+    cfg = _config(epochs, lr, batch_size, optimizer, momentum, weight_decay, seed)
     with progress("train", quiet or json_out) as callback:
-        doc = train_file(data, parse_hidden(hidden), activation, cfg, output, force, checkpoint_every, resume, callback)
+        doc = _workflows().train_file(data, _workflows().parse_hidden(hidden), activation, cfg, output, force, checkpoint_every, resume, callback)
     _say(doc, json_out, quiet, f"wrote {doc['output']} ({'-'.join(map(str, doc['widths']))}): test {_acc(doc['test'])}")
 
 
@@ -122,9 +138,9 @@ def finetune(
 
     Example:  fpe finetune model.fpe4.safetensors --data digits --epochs 30 -o model.fpe4.ft.safetensors
     """
-    cfg = TrainConfig(epochs, lr, batch_size, optimizer, momentum, weight_decay, seed)
+    cfg = _config(epochs, lr, batch_size, optimizer, momentum, weight_decay, seed)
     with progress("finetune", quiet or json_out) as callback:
-        doc = finetune_file(model, data, cfg, output, force, checkpoint_every, resume, callback, parse_layers(layers), activation)
+        doc = _workflows().finetune_file(model, data, cfg, output, force, checkpoint_every, resume, callback, parse_layers(layers), activation)
     _say(doc, json_out, quiet, f"wrote {doc['output']} ({doc['layout']}, {doc['counts']['weights']} weights): "
                                f"test accuracy {doc['before']['accuracy']:.4f} -> {doc['test']['accuracy']:.4f}")
 
@@ -141,7 +157,7 @@ def evaluate(
 
     Example:  fpe evaluate dense.safetensors dense.fpe4.ft.safetensors --data digits
     """
-    doc = evaluate_files(models, data, parse_layers(layers), activation)
+    doc = _workflows().evaluate_files(models, data, parse_layers(layers), activation)
     emit_json(doc) if json_out else out_console.print(evaluation_table(doc))
     _notes(doc, json_out)
 
