@@ -170,3 +170,12 @@ def assert_one_error_line(res: CliResult, *needles: str, code: int = 2) -> str:
     for needle in needles:
         assert needle.lower() in line.lower(), f"{needle!r} not in {line!r}"
     return line
+
+
+@pytest.fixture
+def model6(tmp_path):
+    """m.safetensors: a 6-8-3 nn.Sequential as torch code saves it (seeded)."""
+    torch.manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    save_file(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).state_dict(), str(path))
+    return path

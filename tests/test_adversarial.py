@@ -147,14 +147,6 @@ def test_unknown_layout_is_refused_before_expanding(tmp_path):
 # ---------------------------------------------------------------- data sets as users write them
 
 
-@pytest.fixture
-def model6(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "m.safetensors"
-    save_file(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).state_dict(), str(path))
-    return path
-
-
 def _xy(n=30, d=6, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d)).astype(np.float32)
