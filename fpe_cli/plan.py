@@ -164,6 +164,8 @@ def _fill_empty_children(owner: torch.Tensor, alpha: int) -> torch.Tensor:
     for c in range(alpha):
         if counts[c] == 0:
             donor = int(torch.argmax(counts))
+            if counts[donor] <= 1:  # fewer edges than children: only a parent that selective expansion keeps whole
+                break
             idx = int((owner == donor).nonzero()[-1])
             owner[idx] = c
             counts[donor] -= 1

@@ -44,7 +44,7 @@ def read_yaml_or_json(path: Path, what: str):
     if not path.is_file():
         raise FPEError(f"{path}: no such {what} file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of the text
         return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -55,16 +55,29 @@ def load_recipe(path: Path) -> dict:
     data = read_yaml_or_json(path, "recipe")
     if not isinstance(data, dict):
         raise FPEError(f"{path}: a recipe must be a mapping with keys such as alpha, split, targets")
-    unknown = set(data) - RECIPE_KEYS
+    unknown = {str(k) for k in data} - RECIPE_KEYS  # YAML keys may be numbers (`1: 2`)
     if unknown:
         raise FPEError(f"{path}: unknown recipe key(s): {', '.join(sorted(unknown))}", f"allowed: {', '.join(sorted(RECIPE_KEYS))}")
     return data
 
 
+def _as_list(value, what: str) -> list:
+    """A recipe's `targets`/`ignore`: a list, or one name (never iterated character by character)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise FPEError(f"{what} must be a list of names or 're:' patterns, got {value!r}",
+                       f"e.g. {what}: [fc1, \"re:layers\\\\.[0-9]+\"]")
+    return value
+
+
 def parse_selection(targets, ignore) -> Selection:
     """Normalise targets (strings or mappings) and ignore patterns from flags or a recipe."""
+    targets, ignore = _as_list(targets, "targets"), _as_list(ignore, "ignore")
     entries = []
-    for item in targets or []:
+    for item in targets:
         if isinstance(item, str):
             entries.append({"match": item})
         elif isinstance(item, dict) and isinstance(item.get("match"), str) and set(item) <= {"match", "alpha", "split", "expand_top"}:
@@ -113,8 +126,9 @@ def select_targets(mlp: MLP, selection: Selection, alpha: int | None, split: str
         if layer_alpha is None:
             raise FPEError("--alpha is required (or set alpha in the recipe)")
         top = entry.get("expand_top", expand_top)
-        if top is not None and (isinstance(top, bool) or not isinstance(top, (int, float)) or top <= 0):
-            raise FPEError(f"expand_top must be a positive count or a fraction in (0, 1), got {top!r}")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, (int, float)) or top <= 0
+                                or (top >= 1 and top != int(top))):  # 1.5 neurons: neither a count nor a fraction
+            raise FPEError(f"expand_top must be a neuron count (1, 2, ...) or a fraction in (0, 1), got {top!r}")
         chosen.append(Target(i, _as_alpha(layer_alpha), str(entry.get("split", split)), top))
     if not chosen:
         raise FPEError("no hidden layer left to expand after --targets/--ignore", f"hidden layers: {hidden_names}")
@@ -155,6 +169,8 @@ def _clause_pairs(data, path: Path, num_inputs: int) -> list[tuple[int, int]]:
     def as_int(v):
         if isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, str) and not v.lstrip("-").isdigit()):
             raise FPEError(f"{path}: clause map entries must be integers, found {v!r}")
+        if not -2**62 <= int(v) < 2**62:  # group ids are stored as int64
+            raise FPEError(f"{path}: clause map entry {v!r} is out of range", "inputs are numbered from 0, groups 0, 1, 2, ...")
         return int(v)
 
     if isinstance(data, dict) and "groups" in data:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from . import analysis as A
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import FPEError
 from .stfile import atomic_output, check_writable
+from .verify import non_finite_tensors
 
 SCHEMA = "fpe.analyze/1"
 CSV_FIELDS = ("model", "role", "layer", "neuron", "parent", "polysemanticity", "norm", "class_selectivity", "density")
@@ -46,6 +47,7 @@ class ModelAnalysis:
 class AnalyzeResult:
     doc: dict
     models: list[ModelAnalysis]
+    notes: list[str] = field(default_factory=list)  # warnings for stderr (not part of the document)
 
 
 class _Ticker:
@@ -109,12 +111,23 @@ def analyze_files(paths: list[Path], data: str | None = None, top: int = 10, lay
         raise FPEError("--samples limits the --data probe set, and no --data was given",
                        "pass --data, e.g. --data digits")
     ckpts = [load_checkpoint(p, layers, activation) for p in paths]
+    for p, c in zip(paths, ckpts):  # NaN/Inf would silently turn into "all-zero" features and skipped rows
+        bad = non_finite_tensors(c.mlp)
+        if bad:
+            raise FPEError(f"{p}: non-finite (NaN or Inf) values in: {', '.join(bad)}; the metrics would be meaningless",
+                           "fix or retrain the checkpoint")
     roles = ["model"] if len(ckpts) == 1 else ["dense", "expanded"]
+    notes = []
     if len(ckpts) == 2:
         (d_in, *_, d_out), (x_in, *_, x_out) = ckpts[0].mlp.widths, ckpts[1].mlp.widths
         if (d_in, d_out) != (x_in, x_out):
             raise FPEError(f"{paths[1]} maps {x_in} -> {x_out} but {paths[0]} maps {d_in} -> {d_out}: "
                            "it was not expanded from it", "give the dense model first and its expansion second")
+        recorded = ckpts[1].metadata.get("fpe.source_sha256")
+        if recorded and recorded != ckpts[0].sha256:
+            notes.append(f"note: {paths[1]} was expanded from another file (sha256 {recorded[:12]}..., "
+                         f"{paths[0]} is {ckpts[0].sha256[:12]}...): its children are compared with parents they "
+                         "did not come from")
     probe = load_probe(data, ckpts[0].mlp.layers[0].in_features, samples) if data is not None else None
     ticker = _Ticker(progress)
     batches = -(-probe.x.shape[0] // A.BATCH) if probe else 0
@@ -126,7 +139,7 @@ def analyze_files(paths: list[Path], data: str | None = None, top: int = 10, lay
     comparison = A.compare(models[0].layers, models[1].layers, top) if len(models) == 2 else None
     doc = {"schema": SCHEMA, "top": top, "data": probe.info if probe else None,
            "models": [_model_doc(m, top) for m in models], "comparison": comparison}
-    return AnalyzeResult(doc, models)
+    return AnalyzeResult(doc, models, notes)
 
 
 # ---------------------------------------------------------------- CSV

@@ -44,6 +44,8 @@ def analyze(
     paths = [model] + ([expanded] if expanded is not None else [])
     with report.progress_bar(err_console, sys.stderr.isatty() and not (quiet or json_out)) as bar:
         result = report.analyze_files(paths, data, top, parse_layers(layers), activation, samples, progress=bar)
+    for message in result.notes:  # warnings: on stderr even with --json (stdout keeps the one document)
+        note(message, quiet)
     rows = report.write_csv(result, csv, force) if csv is not None else 0
     pngs = plotting.write_plots(result, plots, force) if plots is not None else []
     emit_json(result.doc) if json_out else report.render_analyze(result.doc, out_console)
