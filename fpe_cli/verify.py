@@ -116,15 +116,18 @@ def check_invariants(mlp: MLP, budget: int | None, source: MLP | None = None,
 
 
 def layer_counts(layer: Layer, hidden: bool) -> dict:
-    numel = layer.weight.numel()
+    """Counts of one layer. A tied layer is counted on its parameter matrix [out, parents] (each shared
+    column once), so weights, non-zeros and sparsity describe the same entries."""
+    weight = layer.weight if layer.tied is None else layer.weight[:, first_of_groups(layer.tied)]
+    numel = weight.numel()
     active = layer.active_weights()
     return {
         "weight": layer.weight_key,
         "shape": list(layer.weight.shape),
         "dtype": str(layer.weight.dtype).replace("torch.", ""),
-        "stored_elements": numel,
+        "stored_elements": numel,  # entries of the dense matrix (the parameter matrix of a tied layer)
         "weights": active,  # weights that exist (mask entries, or non-zeros without a mask)
-        "nonzero_weights": int((layer.weight != 0).sum()),
+        "nonzero_weights": int((weight != 0).sum()),
         "biases": layer.bias.numel() if layer.bias is not None else 0,
         "neurons_out": layer.out_features,
         "hidden": hidden,

@@ -361,3 +361,15 @@ def test_ctrl_c_while_the_cli_imports_is_one_error_line(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 130
     assert res.stderr.strip() == "Error: interrupted"
+
+
+def test_a_comma_inside_a_targets_regex_belongs_to_the_regex(tmp_path):
+    from fpe_cli.cli.expand_cmds import _split_list
+
+    assert _split_list(r"re:[0-9]{1,2}\.weight, fc1 ,re:(a|b),c") == [r"re:[0-9]{1,2}\.weight", "fc1", "re:(a|b)", "c"]
+    src = tmp_path / "m.safetensors"
+    save_file({k: v.detach() for k, v in nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                                         nn.Linear(8, 3)).state_dict().items()}, str(src))
+    doc = _ok(["expand", src, "--alpha", "2", "--targets", "re:^[0-9]{1,2}$", "--ignore", "re:^[2-9]{1,1}$",
+               "-o", tmp_path / "e.safetensors"])
+    assert [layer["alpha"] for layer in doc["layers"]] == [2, None, None]

@@ -265,3 +265,18 @@ def test_splits_shared_by_every_parent_run_grouped(split, group_size):
     assert module.kernels == ["grouped", "dense"]
     x = torch.randn(5, 12, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(module(x), reference_forward(mlp, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["packed", "dense"])
+def test_params_counts_a_tied_layer_on_its_parameter_matrix(tmp_path, layout):
+    src = save_mlp(tmp_path / "m.safetensors", [12, 8, 4], seed=2)
+    out = tmp_path / "t.safetensors"
+    assert run_cli(["expand", src, "--alpha", "4", "--outgoing", "tie", "-o", out, "--layout", layout]).exit_code == 0
+    doc = json.loads(run_cli(["params", out, "--json"]).stdout)
+    tied = doc["layers"][1]
+    weight = load_checkpoint(out).mlp.layers[1].weight  # (4, 32): 8 parents' columns, 4 copies each
+    parameter = weight[:, ::4]  # first copy of each parent's column
+    assert tied["tied"] and tied["stored_elements"] == parameter.numel() == 32
+    assert tied["weights"] == tied["nonzero_weights"] == int((parameter != 0).sum())
+    assert tied["sparsity"] == pytest.approx(1 - tied["weights"] / 32)
+    assert doc["total"]["nonzero_weights"] == doc["total"]["weights"] == doc["source"]["weights"]

@@ -21,7 +21,17 @@ def _pipeline():
 
 
 def _split_list(value: str | None) -> list[str]:
-    return [v.strip() for v in (value or "").split(",") if v.strip()]
+    """Comma-separated names or `re:` patterns; a comma inside (), [] or {} belongs to the pattern
+    (`re:[0-9]{1,2}\\.weight` is one item)."""
+    items, depth, current = [], 0, ""
+    for char in value or "":
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth <= 0:
+            items.append(current)
+            current, depth = "", 0
+        else:
+            current += char
+    return [v.strip() for v in items + [current] if v.strip()]
 
 
 def _parse_alpha(value: str | None) -> int | None:
