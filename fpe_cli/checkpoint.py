@@ -381,9 +381,9 @@ def load_plan(path: Path) -> SplitPlan:
     entries = info.get("layers", []) if isinstance(info, dict) else []
     seed = info.get("seed", 0) if isinstance(info, dict) else 0
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries) or isinstance(seed, bool) \
-            or not isinstance(seed, int):
+            or not isinstance(seed, int) or seed < 0 or not all(isinstance(e.get("split", ""), str) for e in entries):
         raise FPEError(f"{path}: malformed plan metadata (fpe.plan needs 'layers': [{{weight_key, alpha, split}}, ...] "
-                       "and an integer 'seed')", "write the plan again with --save-plan")
+                       "with split a name, and an integer 'seed' >= 0)", "write the plan again with --save-plan")
     layers = []
     for entry in entries:
         key, alpha = entry.get("weight_key"), entry.get("alpha")

@@ -74,7 +74,22 @@ def _resolve_settings(opts: ExpandOptions) -> dict:
         "ignore": opts.ignore or recipe.get("ignore") or [],
     }
     check_settings(settings, opts)
+    if opts.plan:
+        _refuse_unused_with_plan(opts, recipe)
     return settings
+
+
+PLAN_DECIDES = ("split", "clusters", "group_size", "expand_top")  # what a saved plan fixes by itself
+
+
+def _refuse_unused_with_plan(opts: ExpandOptions, recipe: dict) -> None:
+    """Settings that only shape a computed split would be recorded in the output as if they had
+    produced the applied plan's split."""
+    given = [k for k in PLAN_DECIDES if getattr(opts, k) is not None or k in recipe]
+    if given:
+        names = ", ".join(f"--{k.replace('_', '-')}" for k in given)
+        raise FPEError(f"{names} cannot change an applied --plan (the plan fixes every split)",
+                       "leave them out, or compute a new split without --plan")
 
 
 def _int_or_none(settings: dict, key: str, low: int, high: int = 2**63 - 1) -> None:
@@ -149,6 +164,8 @@ def expand_file(opts: ExpandOptions, timings: dict[str, float] | None = None) ->
     with _phase(timings, "check"):
         check_finite(ckpt.mlp)
     plan = load_plan(opts.plan) if opts.plan else None
+    if plan is not None:
+        _plan_settings(settings, plan, ckpt.mlp)
     alpha = settings["alpha"] if settings["alpha"] is not None or plan is None else plan_alpha(plan)
     targets = select_targets(ckpt.mlp, parse_selection(settings["targets"], settings["ignore"]),
                              alpha, settings["split"], settings["expand_top"])
@@ -184,6 +201,21 @@ def expand_file(opts: ExpandOptions, timings: dict[str, float] | None = None) ->
         if opts.save_plan:
             save_plan(result.plan, opts.save_plan, source_sha256=ckpt.sha256, force=opts.force)
     return expand_report(ckpt, result, settings, output, opts, size, drift)
+
+
+def _plan_settings(settings: dict, plan, mlp) -> None:
+    """An applied plan's layers are the targets unless --targets/--ignore/a recipe say otherwise; its
+    seed is the split's seed (another --seed would be recorded as if it had produced it)."""
+    if not settings["targets"] and not settings["ignore"]:
+        hidden = [layer.weight_key for layer in mlp.layers[:-1]]
+        foreign = [p.weight_key for p in plan.layers if p.weight_key not in hidden]
+        if foreign:
+            raise FPEError(f"the plan splits {', '.join(foreign)}, which is not a hidden layer of this model "
+                           f"(hidden layers: {', '.join(hidden) or 'none'})", "was the plan saved from another model?")
+        settings["targets"] = [p.weight_key for p in plan.layers]
+    if settings["seed"] is not None and settings["seed"] != plan.seed:
+        raise FPEError(f"--seed {settings['seed']} differs from the applied plan's seed {plan.seed}",
+                       "leave --seed out: the plan's split was made with its own seed")
 
 
 def input_files(opts: ExpandOptions) -> tuple[Path, ...]:

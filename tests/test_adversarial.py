@@ -373,3 +373,46 @@ def test_a_comma_inside_a_targets_regex_belongs_to_the_regex(tmp_path):
     doc = _ok(["expand", src, "--alpha", "2", "--targets", "re:^[0-9]{1,2}$", "--ignore", "re:^[2-9]{1,1}$",
                "-o", tmp_path / "e.safetensors"])
     assert [layer["alpha"] for layer in doc["layers"]] == [2, None, None]
+
+
+def test_a_plan_saved_for_some_targets_applies_to_those_targets(tmp_path):
+    src = tmp_path / "m.safetensors"
+    torch.manual_seed(0)
+    save_file({k: v.detach() for k, v in nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                                         nn.Linear(8, 3)).state_dict().items()}, str(src))
+    first, again, plan = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "p.safetensors"
+    _ok(["expand", src, "--alpha", "3", "--targets", "2", "--seed", "4", "--save-plan", plan, "-o", first])
+    doc = _ok(["expand", src, "--plan", plan, "-o", again])  # the documented re-application, no --targets
+    assert [layer["alpha"] for layer in doc["layers"]] == [None, 3, None] and doc["settings"]["seed"] == 4
+    assert first.read_bytes() == again.read_bytes()
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--split", "gram"], ["--split cannot change an applied --plan"]),
+    (["--group-size", "2", "--expand-top", "0.5"], ["--group-size, --expand-top cannot change"]),
+    (["--seed", "5"], ["--seed 5 differs from the applied plan's seed 0"]),
+])
+def test_settings_an_applied_plan_would_ignore_are_refused(tmp_path, model6, flags, needles):
+    plan = tmp_path / "p.safetensors"
+    _ok(["expand", model6, "--alpha", "2", "--save-plan", plan, "-o", tmp_path / "a.safetensors"])
+    assert_one_error_line(run_cli(["expand", model6, "--plan", plan, *flags, "-o", tmp_path / "b.safetensors"]), *needles)
+    assert not (tmp_path / "b.safetensors").exists()
+    _ok(["expand", model6, "--plan", plan, "--seed", "0", "-o", tmp_path / "c.safetensors"])  # the plan's own seed
+
+
+@pytest.mark.parametrize("edit", [{"seed": -5}, {"split": 5}])
+def test_plan_metadata_is_checked_like_the_flags(tmp_path, model6, edit):
+    plan = tmp_path / "p.safetensors"
+    _ok(["expand", model6, "--alpha", "2", "--save-plan", plan, "-o", tmp_path / "a.safetensors"])
+    tensors = load_file(str(plan))
+    from safetensors import safe_open
+    with safe_open(str(plan), "pt") as fh:
+        meta = fh.metadata()
+    info = json.loads(meta["fpe.plan"])
+    if "seed" in edit:
+        info["seed"] = edit["seed"]
+    else:
+        info["layers"][0]["split"] = edit["split"]
+    save_file(tensors, str(plan), metadata={**meta, "fpe.plan": json.dumps(info)})
+    assert_one_error_line(run_cli(["expand", model6, "--plan", plan, "-o", tmp_path / "b.safetensors"]),
+                          "malformed plan metadata")

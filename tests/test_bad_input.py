@@ -168,7 +168,8 @@ def case_plan_other_layers(tmp_path):
     src = save_module(make_sequential([6, 4, 4, 3]), side / "deep.safetensors")
     assert run_cli(["expand", src, "--alpha", "2", "--targets", "2", "--save-plan", side / "p.safetensors",
                     "-o", side / "o.safetensors"]).exit_code == 0
-    return ["expand", _model(tmp_path), "--alpha", "2", "--plan", side / "p.safetensors"], ["no entry for 0.weight"]
+    return ["expand", _model(tmp_path), "--alpha", "2", "--plan", side / "p.safetensors"], ["the plan splits 2.weight",
+                                                                                             "not a hidden layer"]
 
 
 def case_plan_broken_coverage(tmp_path):
