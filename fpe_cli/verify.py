@@ -7,10 +7,16 @@ Invariants of an expanded model, each reported as a human-readable violation:
   - tied column copies hold equal values and masks;
   - siblings (children of one parent) own disjoint input edges;
   - with the source: every child's edges are a subset of its parent's, and the source is the file
-    that was expanded (sha256).
+    that was expanded (sha256);
+  - an expanded model keeps a mask on every layer (without one, a pruned weight cannot be told from a
+    trained zero and fine-tuning would train every entry);
+  - with the source and a file that records no fine-tuning: every weight and bias is still its
+    parent's in the source (or its 1/children share with outgoing="split").
 """
 
 from __future__ import annotations
+
+import json
 
 import torch
 
@@ -45,11 +51,11 @@ def check_finite_values(mlp: MLP) -> list[str]:
 def check_siblings_disjoint(mlp: MLP) -> list[str]:
     out = []
     for layer in mlp.layers:
-        if layer.parents is None or layer.mask is None:
+        if layer.parents is None:
             continue
         n_parents = int(layer.parents.max()) + 1 if layer.parents.numel() else 0
         owners = torch.zeros(n_parents, layer.in_features, dtype=torch.int32)
-        owners.index_add_(0, layer.parents, layer.mask.to(torch.int32))  # (parents, d): children owning each edge
+        owners.index_add_(0, layer.parents, layer.support().to(torch.int32))  # (parents, d): children owning each edge
         shared = int((owners > 1).sum())
         if shared:
             out.append(f"{layer.weight_key}: {shared} input edge(s) are owned by more than one sibling")
@@ -73,6 +79,12 @@ def check_ties(mlp: MLP) -> list[str]:
 def check_budget(mlp: MLP, budget: int | None, source: MLP | None = None) -> list[str]:
     out = []
     have = mlp.weight_budget()
+    if isinstance(budget, bool) or (budget is not None and not isinstance(budget, int)):
+        out.append(f"budget: the recorded budget {budget!r} is not a weight count")
+        budget = None
+    elif budget is None and source is None and mlp.is_expanded:
+        out.append("budget: the expanded model records no budget (fpe.budget), so its weight count cannot be "
+                   "checked; pass --source to compare with the source's")
     if budget is not None and have != budget:
         out.append(f"budget: the model has {have} weights but its recorded budget is {budget}")
     if source is not None and have != source.weight_budget():
@@ -88,6 +100,33 @@ def _subset_violations(layer: Layer, src: Layer, rows: torch.Tensor, cols: torch
     return [f"{layer.weight_key}: {extra} edge(s) are not edges of the parent in the source"] if extra else []
 
 
+def check_masks_present(mlp: MLP) -> list[str]:
+    """fpe writes a mask for every layer of an expanded model; a dropped one unlocks the pruned weights."""
+    if not mlp.is_expanded:
+        return []
+    return [f"{layer.weight_key}: the expanded model has no mask for this layer (dropped?), so its pruned weights "
+            "cannot be told from trained zeros and fine-tuning would train every entry"
+            for layer in mlp.layers if layer.mask is None]
+
+
+def _lineage_against_source(layer: Layer, src: Layer, rows: torch.Tensor, cols: torch.Tensor) -> list[str]:
+    """The lineage must map the layer onto the source's weight: one row group per source output."""
+    out = []
+    if layer.parents is None and layer.out_features != src.out_features:
+        out.append(f"{layer.weight_key}: {layer.out_features} outputs but the source's has {src.out_features}, "
+                   "and the file has no lineage (fpe.children) for them")
+    elif layer.parents is not None:
+        n_parents = int(layer.parents.max()) + 1 if layer.parents.numel() else 0
+        if n_parents != src.out_features:
+            out.append(f"{layer.weight_key}: its lineage (fpe.children) names {n_parents} parents, "
+                       f"but the source's weight has {src.out_features} outputs")
+    n_cols = int(cols.max()) + 1 if cols.numel() else 0
+    if n_cols != src.in_features:
+        out.append(f"{layer.weight_key}: its {layer.in_features} inputs come from {n_cols} source inputs, "
+                   f"but the source's weight has {src.in_features}")
+    return out
+
+
 def check_against_source(mlp: MLP, source: MLP) -> list[str]:
     if len(mlp.layers) != len(source.layers):
         return [f"the source has {len(source.layers)} layers, the model {len(mlp.layers)}"]
@@ -99,19 +138,79 @@ def check_against_source(mlp: MLP, source: MLP) -> list[str]:
         if rows.numel() != layer.out_features or cols.numel() != layer.in_features:
             out.append(f"{layer.weight_key}: lineage does not match the weight shape")
             continue
-        out += _subset_violations(layer, src, rows, cols)
+        shape = _lineage_against_source(layer, src, rows, cols)
+        out += shape if shape else _subset_violations(layer, src, rows, cols)
+    return out
+
+
+def _expansion_settings(metadata: dict[str, str]) -> dict | None:
+    """The recorded expansion settings, when the file's weights should still be the source's: an
+    expanded file that records no fine-tuning (`fpe.finetune.*`), with a known outgoing and bias rule."""
+    if any(k.startswith("fpe.finetune.") for k in metadata) or "fpe.settings" not in metadata:
+        return None
+    try:
+        settings = json.loads(metadata["fpe.settings"])
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(settings, dict) or settings.get("outgoing") not in ("copy", "split", "tie") \
+            or settings.get("bias", "copy") != "copy":
+        return None
+    return settings
+
+
+def _differ(have: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Entries that differ by more than rounding (one unit in the last place of the stored dtype)."""
+    eps = torch.finfo(have.dtype).eps if have.is_floating_point() else 0.0
+    have, want = have.to(torch.float64), want.to(torch.float64)
+    return (have - want).abs() > eps * torch.maximum(have.abs(), want.abs())
+
+
+def check_values_against_source(mlp: MLP, source: MLP) -> list[str]:
+    """An expanded file that was not fine-tuned holds its parents' weights: child row r of parent i and
+    input column c copied from source input j hold W[i, j] (outgoing copy/tie) or W[i, j] / children(j)
+    (split), and child biases copy the parent's. Anything else was edited, or expanded from another source."""
+    settings = _expansion_settings(mlp.metadata)
+    if settings is None or not mlp.is_expanded or len(mlp.layers) != len(source.layers):
+        return []
+    out = []
+    for k, (layer, src) in enumerate(zip(mlp.layers, source.layers)):
+        rows = layer.parents if layer.parents is not None else torch.arange(layer.out_features)
+        cols = _col_parents(mlp, k)
+        cols = cols if cols is not None else torch.arange(layer.in_features)
+        if rows.numel() != layer.out_features or cols.numel() != layer.in_features \
+                or _lineage_against_source(layer, src, rows, cols):
+            continue  # reported by check_against_source
+        want = effective_weight(src)
+        if settings["outgoing"] == "split" and k > 0 and mlp.layers[k - 1].parents is not None:
+            counts = torch.bincount(cols, minlength=src.in_features).to(want.dtype)
+            want = want / counts
+        want = want[rows][:, cols]
+        support = layer.support()
+        n = int((_differ(layer.weight, want) & support).sum())
+        if n:
+            out.append(f"{layer.weight_key}: {n} weight(s) differ from their parent's in the source (the file records "
+                       "no fine-tuning, so each should still hold its parent's value)")
+        if layer.bias is not None and src.bias is not None and tuple(src.bias.shape) == (src.out_features,):
+            nb = int(_differ(layer.bias, src.bias[rows]).sum())
+            if nb:
+                out.append(f"{layer.bias_key}: {nb} bias(es) differ from their parent's in the source")
     return out
 
 
 def check_invariants(mlp: MLP, budget: int | None, source: MLP | None = None,
                      source_sha: str | None = None, recorded_sha: str | None = None) -> list[str]:
     """Every violated invariant (empty list = all hold)."""
-    problems = check_finite_values(mlp) + check_off_mask_zero(mlp) + check_siblings_disjoint(mlp) + check_ties(mlp)
+    problems = check_finite_values(mlp) + check_masks_present(mlp) + check_off_mask_zero(mlp)
+    problems += check_siblings_disjoint(mlp) + check_ties(mlp)
     problems += check_budget(mlp, budget, source)
     if source is not None:
         if recorded_sha and source_sha and recorded_sha != source_sha:
             problems.append(f"source: its sha256 {source_sha[:12]}... is not the recorded {recorded_sha[:12]}...")
+        elif not recorded_sha and source_sha and mlp.is_expanded:
+            problems.append("source: the expanded file records no fpe.source_sha256, so the source cannot be "
+                            "confirmed as the file that was expanded")
         problems += check_against_source(mlp, source)
+        problems += check_values_against_source(mlp, source)
     return problems
 
 
