@@ -61,6 +61,17 @@ def metadata_json(metadata: dict[str, str], key: str, default=None, where: Path 
         raise FPEError(f"{prefix}metadata {key!r} is not valid JSON: {metadata[key][:80]!r}") from None
 
 
+def recorded_budget(metadata: dict[str, str]) -> int | None:
+    """The weight budget an expanded file records (`fpe.budget`), or None when it records none."""
+    budget = metadata_json(metadata, "fpe.budget")
+    if budget is None:
+        return None
+    weights = budget.get("weights") if isinstance(budget, dict) else None
+    if isinstance(weights, bool) or not isinstance(weights, int):
+        raise FPEError("metadata fpe.budget is malformed (expected {\"weights\": N, ...})")
+    return weights
+
+
 def _check_format_version(metadata: dict[str, str], path: Path) -> None:
     version = metadata.get("fpe.format_version")
     if version is None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (Checkpoint, check_finite, load_checkpoint, load_plan, metadata_json, save_checkpoint,
-                         save_plan)
+from .checkpoint import (Checkpoint, check_finite, load_checkpoint, load_plan, metadata_json, recorded_budget,
+                         save_checkpoint, save_plan)
 from .errors import FPEError, VerificationError
 from .expand import ExpandResult, PlanInputs, expand_mlp, function_drift
 from .recipe import load_clause_map, load_recipe, parse_selection, select_targets
@@ -186,6 +186,8 @@ def expand_file(opts: ExpandOptions, timings: dict[str, float] | None = None) ->
     with _phase(timings, "expand"):
         result = expand_mlp(ckpt.mlp, targets, seed=settings["seed"], outgoing=settings["outgoing"], plan=plan,
                             inputs=inputs)
+    # the source's fine-tuning record describes the source, not this file (whose weights are untrained)
+    result.mlp.metadata = {k: v for k, v in result.mlp.metadata.items() if not k.startswith("fpe.finetune.")}
     drift = None
     if opts.probe_samples:
         with _phase(timings, "drift"):
@@ -276,15 +278,6 @@ def expand_report(ckpt: Checkpoint, result: ExpandResult, settings: dict, output
     }
 
 
-def recorded_budget(metadata: dict[str, str]) -> int | None:
-    budget = metadata_json(metadata, "fpe.budget")
-    if budget is None:
-        return None
-    if not isinstance(budget, dict) or not isinstance(budget.get("weights"), int):
-        raise FPEError("metadata fpe.budget is malformed (expected {\"weights\": N, ...})")
-    return budget["weights"]
-
-
 def verify_file(model: Path, source: Path | None = None, layers=None, activation=None) -> dict:
     """Check every invariant; raises VerificationError (exit 3) listing the violations."""
     ckpt = load_checkpoint(model, layers, activation)
@@ -309,7 +302,8 @@ def verify_file(model: Path, source: Path | None = None, layers=None, activation
     if budget is not None:
         checks.append("weights equal the recorded budget")
     if src:
-        checks += ["source sha256 matches", "children's edges are their parent's", "weights equal the source's"]
+        checks += ["source sha256 matches"] if ckpt.metadata.get("fpe.source_sha256") else []
+        checks += ["children's edges are their parent's", "weights equal the source's"]
     return {"model": str(model), "source": str(source) if source else None, "ok": True, "checks": checks,
             "expanded": ckpt.mlp.is_expanded, "has_masks": ckpt.mlp.has_masks}
 

@@ -12,14 +12,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
-from .checkpoint import check_finite, load_checkpoint, save_checkpoint
+from .checkpoint import check_finite, load_checkpoint, recorded_budget, save_checkpoint
 from .data import (Dataset, check_input_width, check_output_width, label_notes, load_dataset, write_clause_map,
                    write_dataset_npz)
 from .distributed import context
 from .errors import FPEError, VerificationError
 from .stfile import check_writable
 from .train import Callback, TrainConfig, evaluate, finetune, train_dense
-from .verify import model_counts
+from .verify import check_invariants, model_counts
 
 
 def parse_hidden(text: str) -> list[int]:
@@ -174,6 +174,11 @@ def finetune_file(model: Path, data: str, cfg: TrainConfig, output: Path | None,
     check_checkpoint_every(checkpoint_every)
     ckpt = load_checkpoint(model, layers, activation)
     check_finite(ckpt.mlp)
+    if ckpt.mlp.is_expanded:  # a broken expansion (masks dropped, siblings sharing edges) must not train
+        problems = check_invariants(ckpt.mlp, recorded_budget(ckpt.metadata))
+        if problems:
+            raise VerificationError(problems + [f"{model} breaks FPE's invariants; fine-tuning it would keep them "
+                                                "broken (see fpe verify)"])
     dataset = load_dataset(data)
     output = output or default_finetune_output(model)
     state = state_path_for(output)
