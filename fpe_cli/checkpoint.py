@@ -27,7 +27,7 @@ import torch
 from . import BASE_FORMAT_VERSION, FORMAT_VERSION, TIED_FORMAT_VERSION, ZMASK_FORMAT_VERSION, __version__
 from .discovery import FPE_PREFIX, discover_layers
 from .errors import FPEError
-from .masks import decode_zmask, encode_zmask, unpack_mask, unpack_weight
+from .masks import encode_zmask, packed_values, unpack_packed
 from .model import MLP, Layer, activation_fn, effective_weight, first_of_groups
 from .plan import LayerPlan, SplitPlan
 from .verify import non_finite_tensors
@@ -81,84 +81,6 @@ def _check_format_version(metadata: dict[str, str], path: Path) -> None:
             f"{path}: written in fpe format version {version!r}; this fpe reads versions up to {FORMAT_VERSION}",
             "upgrade fpe",
         )
-
-
-def _packed_mask(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, int]) -> torch.Tensor:
-    """Pop and decode the mask of packed weight `key`: compressed (version 3) or bit rows (version 1)."""
-    zmask, bits = tensors.pop(f"{FPE_PREFIX}zmask:{key}", None), tensors.pop(f"{FPE_PREFIX}bitmask:{key}", None)
-    if zmask is not None and bits is not None:
-        raise FPEError(f"packed weight {key!r} has two masks (fpe.zmask and fpe.bitmask); which one is meant is unclear",
-                       "the file is corrupt or was edited; keep one of the two")
-    if zmask is not None:
-        return decode_zmask(zmask, shape, key)
-    return unpack_mask(bits, shape, key)
-
-
-def _packed_shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
-    """The shape each packed weight claims, checked before any mask is inflated.
-
-    A compressed mask can claim a far larger weight than the file's size (an all-zero strip stream
-    inflates ~1000-fold), so claims are checked against what the file holds physically (the bias,
-    the lineage) and against the memory that unpacking them would take.
-    """
-    shapes = {}
-    for name in [n for n in tensors if n.startswith(FPE_PREFIX + "values:")]:
-        key = name.split(":", 1)[1]
-        shape = tensors.get(f"{FPE_PREFIX}shape:{key}")
-        if shape is None or not any(f"{FPE_PREFIX}{kind}:{key}" in tensors for kind in ("zmask", "bitmask")):
-            raise FPEError(f"packed weight {key!r} lacks its mask or shape tensor")
-        if shape.dtype != torch.int64 or tuple(shape.shape) != (2,) or bool((shape < 0).any()):
-            raise FPEError(f"packed weight {key!r}: shape tensor must be int64 [out, in], found {shape.tolist()}")
-        if key in tensors:
-            raise FPEError(f"weight {key!r} is stored both packed and dense; which one is meant is unclear",
-                           "the file is corrupt or was edited; keep one of the two")
-        rows, cols = int(shape[0]), int(shape[1])
-        bias = tensors.get(key[: -len("weight")] + "bias") if key.endswith("weight") else None
-        children = tensors.get(f"{FPE_PREFIX}children:{key}")
-        if bias is not None and bias.numel() != rows:
-            raise FPEError(f"packed weight {key!r} claims {rows} rows but its bias holds {bias.numel()}",
-                           "the file is corrupt or was edited")
-        if children is not None and int(children.to(torch.int64).sum()) != rows:
-            raise FPEError(f"lineage of {key}: children add up to {int(children.to(torch.int64).sum())}, but the "
-                           f"packed weight claims {rows} rows", "the file is corrupt or was edited")
-        shapes[key] = (rows, cols)
-    _check_unpacked_size(tensors, shapes)
-    return shapes
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-
-
-def _check_unpacked_size(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> None:
-    """Refuse files whose unpacked weights (values + bool mask per entry) could not fit in memory."""
-    need = {key: rows * cols * (tensors[f"{FPE_PREFIX}values:{key}"].element_size() + 1)
-            for key, (rows, cols) in shapes.items()}
-    available = _available_memory()
-    if need and available is not None and sum(need.values()) > available:
-        biggest = max(need, key=need.get)
-        raise FPEError(f"unpacking the packed weights takes {sum(need.values()) / 2**30:.1f} GiB ({biggest} claims "
-                       f"{shapes[biggest][0]}x{shapes[biggest][1]}), but only {available / 2**30:.1f} GiB of "
-                       "memory is available", "free memory, or check the file: its fpe.shape tensors may be corrupt")
-
-
-def _unpack_packed(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Replace `fpe.values/zmask (or bitmask)/shape:<key>` triples by dense weights; returns (tensors, masks)."""
-    out = dict(tensors)
-    masks = {}
-    for key, shape in _packed_shapes(tensors).items():
-        del out[f"{FPE_PREFIX}shape:{key}"]
-        values = out.pop(f"{FPE_PREFIX}values:{key}")
-        mask = _packed_mask(out, key, shape)
-        out[key], masks[key] = unpack_weight(values, mask, key)
-    leftovers = [n for n in out if n.startswith(tuple(FPE_PREFIX + k for k in ("bitmask:", "zmask:", "shape:")))]
-    if leftovers:
-        raise FPEError(f"packed storage without values: {', '.join(leftovers)}")
-    return out, masks
 
 
 def _lineage_problem(counts: torch.Tensor, rows: int) -> str | None:
@@ -268,7 +190,7 @@ def load_checkpoint(path: Path, layers: list[str] | None = None, activation: str
     tensors, metadata = read_safetensors(path, digest)  # hashed as read: the hash is of these very bytes
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}  # stored bytes (as the header says)
     _check_format_version(metadata, path)
-    tensors, masks = _unpack_packed(tensors)
+    tensors, masks = unpack_packed(tensors)
     tied = _widen_tied(tensors, masks)
     layout = "packed" if masks else "dense" if any(k.startswith(FPE_PREFIX + "mask:") for k in tensors) else "plain"
     if layers is None and "fpe.layers" in metadata:
@@ -324,17 +246,6 @@ def mlp_tensors(mlp: MLP, layout: str) -> dict[str, torch.Tensor]:
         if layer.parents is not None:
             out[f"{FPE_PREFIX}children:{key}"] = lineage_counts(layer.parents)
     return out
-
-
-def packed_values(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The masked entries in row-major order (a free view when every entry exists)."""
-    if int(torch.count_nonzero(mask)) == mask.numel():
-        return weight.reshape(-1)
-    # numpy's boolean gather needs no int64 index array (torch's costs 8 bytes per entry);
-    # integer views keep bfloat16, which numpy has no type for, bit-exact
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[weight.element_size()]
-    picked = weight.contiguous().view(as_int).numpy()[mask.numpy()]
-    return torch.from_numpy(picked).view(weight.dtype)
 
 
 def fpe_metadata(mlp: MLP, layout: str, extra: dict[str, str] | None = None) -> dict[str, str]:

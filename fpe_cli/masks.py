@@ -1,4 +1,4 @@
-"""Mask storage for the `packed` layout: bool masks to compact bytes and back.
+"""The `packed` layout: bool masks to compact bytes and back, and packed tensors to dense weights.
 
 Two encodings:
 - `fpe.zmask:<key>` (written since format version 3): the mask cut into strips of STRIP rows
@@ -11,6 +11,9 @@ Two encodings:
 - `fpe.bitmask:<key>` (format version 1, still read): uint8 rows of little-endian bits, row r of a
   (rows, cols) mask is ceil(cols / 8) bytes, bit b of byte j is column 8*j + b.
 Readers reject non-zero padding, streams that are truncated, too long or trailed by other bytes.
+A packed weight is `fpe.values:<key>` (its masked entries, row-major), its mask and `fpe.shape:<key>`;
+`unpack_packed` checks every claimed shape before inflating anything (a small stream can claim a huge
+weight) and turns the triples back into dense weights and masks.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import zlib
 import numpy as np
 import torch
 
+from .discovery import FPE_PREFIX
 from .errors import FPEError
 
 STRIP = 4  # rows per strip (alpha siblings at alpha 4); fixed by the format
@@ -140,3 +144,92 @@ def unpack_weight(values: torch.Tensor, mask: torch.Tensor, name: str) -> tuple[
     weight = torch.zeros(tuple(mask.shape), dtype=values.dtype)
     weight[mask] = values
     return weight, mask
+
+
+def packed_values(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The masked entries in row-major order (a free view when every entry exists)."""
+    if int(torch.count_nonzero(mask)) == mask.numel():
+        return weight.reshape(-1)
+    # numpy's boolean gather needs no int64 index array (torch's costs 8 bytes per entry);
+    # integer views keep bfloat16, which numpy has no type for, bit-exact
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[weight.element_size()]
+    picked = weight.contiguous().view(as_int).numpy()[mask.numpy()]
+    return torch.from_numpy(picked).view(weight.dtype)
+
+
+def _packed_mask(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, int]) -> torch.Tensor:
+    """Pop and decode the mask of packed weight `key`: compressed (version 3) or bit rows (version 1)."""
+    zmask, bits = tensors.pop(f"{FPE_PREFIX}zmask:{key}", None), tensors.pop(f"{FPE_PREFIX}bitmask:{key}", None)
+    if zmask is not None and bits is not None:
+        raise FPEError(f"packed weight {key!r} has two masks (fpe.zmask and fpe.bitmask); which one is meant is unclear",
+                       "the file is corrupt or was edited; keep one of the two")
+    if zmask is not None:
+        return decode_zmask(zmask, shape, key)
+    return unpack_mask(bits, shape, key)
+
+
+def _packed_shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """The shape each packed weight claims, checked before any mask is inflated.
+
+    A compressed mask can claim a far larger weight than the file's size (an all-zero strip stream
+    inflates ~1000-fold), so claims are checked against what the file holds physically (the bias,
+    the lineage) and against the memory that unpacking them would take.
+    """
+    shapes = {}
+    for name in [n for n in tensors if n.startswith(FPE_PREFIX + "values:")]:
+        key = name.split(":", 1)[1]
+        shape = tensors.get(f"{FPE_PREFIX}shape:{key}")
+        if shape is None or not any(f"{FPE_PREFIX}{kind}:{key}" in tensors for kind in ("zmask", "bitmask")):
+            raise FPEError(f"packed weight {key!r} lacks its mask or shape tensor")
+        if shape.dtype != torch.int64 or tuple(shape.shape) != (2,) or bool((shape < 0).any()):
+            raise FPEError(f"packed weight {key!r}: shape tensor must be int64 [out, in], found {shape.tolist()}")
+        if key in tensors:
+            raise FPEError(f"weight {key!r} is stored both packed and dense; which one is meant is unclear",
+                           "the file is corrupt or was edited; keep one of the two")
+        rows, cols = int(shape[0]), int(shape[1])
+        bias = tensors.get(key[: -len("weight")] + "bias") if key.endswith("weight") else None
+        children = tensors.get(f"{FPE_PREFIX}children:{key}")
+        if bias is not None and bias.numel() != rows:
+            raise FPEError(f"packed weight {key!r} claims {rows} rows but its bias holds {bias.numel()}",
+                           "the file is corrupt or was edited")
+        if children is not None and int(children.to(torch.int64).sum()) != rows:
+            raise FPEError(f"lineage of {key}: children add up to {int(children.to(torch.int64).sum())}, but the "
+                           f"packed weight claims {rows} rows", "the file is corrupt or was edited")
+        shapes[key] = (rows, cols)
+    _check_unpacked_size(tensors, shapes)
+    return shapes
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def _check_unpacked_size(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse files whose unpacked weights (values + bool mask per entry) could not fit in memory."""
+    need = {key: rows * cols * (tensors[f"{FPE_PREFIX}values:{key}"].element_size() + 1)
+            for key, (rows, cols) in shapes.items()}
+    available = _available_memory()
+    if need and available is not None and sum(need.values()) > available:
+        biggest = max(need, key=need.get)
+        raise FPEError(f"unpacking the packed weights takes {sum(need.values()) / 2**30:.1f} GiB ({biggest} claims "
+                       f"{shapes[biggest][0]}x{shapes[biggest][1]}), but only {available / 2**30:.1f} GiB of "
+                       "memory is available", "free memory, or check the file: its fpe.shape tensors may be corrupt")
+
+
+def unpack_packed(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Replace `fpe.values/zmask (or bitmask)/shape:<key>` triples by dense weights; returns (tensors, masks)."""
+    out = dict(tensors)
+    masks = {}
+    for key, shape in _packed_shapes(tensors).items():
+        del out[f"{FPE_PREFIX}shape:{key}"]
+        values = out.pop(f"{FPE_PREFIX}values:{key}")
+        mask = _packed_mask(out, key, shape)
+        out[key], masks[key] = unpack_weight(values, mask, key)
+    leftovers = [n for n in out if n.startswith(tuple(FPE_PREFIX + k for k in ("bitmask:", "zmask:", "shape:")))]
+    if leftovers:
+        raise FPEError(f"packed storage without values: {', '.join(leftovers)}")
+    return out, masks
