@@ -23,7 +23,7 @@ import zlib
 import numpy as np
 import torch
 
-from .discovery import FPE_PREFIX
+from .discovery import FPE_PREFIX, bias_candidates
 from .errors import FPEError
 
 STRIP = 4  # rows per strip (alpha siblings at alpha 4); fixed by the format
@@ -124,7 +124,8 @@ def decode_zmask(stream: torch.Tensor, shape: tuple[int, int], name: str = "mask
         stop = min(strips, start + CHUNK_ROWS // STRIP)
         lo, hi = start * STRIP * cols // 8, -(-(stop * STRIP * cols) // 8)
         bits = np.unpackbits(raw[lo:hi], bitorder="little")[: (stop - start) * STRIP * cols]
-        out[start * STRIP:stop * STRIP] = bits.reshape(stop - start, cols, STRIP).transpose(0, 2, 1).reshape((stop - start) * STRIP, cols)
+        block = bits.reshape(stop - start, cols, STRIP).transpose(0, 2, 1)  # (strips, STRIP, cols)
+        out[start * STRIP:stop * STRIP] = block.reshape((stop - start) * STRIP, cols)
     total_bits = strips * STRIP * cols
     if total_bits % 8 and np.unpackbits(raw[-1:], bitorder="little")[total_bits % 8:].any():
         raise FPEError(f"{name}: compressed mask has padding bits set")
@@ -187,7 +188,7 @@ def _packed_shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int
             raise FPEError(f"weight {key!r} is stored both packed and dense; which one is meant is unclear",
                            "the file is corrupt or was edited; keep one of the two")
         rows, cols = int(shape[0]), int(shape[1])
-        bias = tensors.get(key[: -len("weight")] + "bias") if key.endswith("weight") else None
+        bias = next((tensors[b] for b in bias_candidates(key) if b in tensors), None)  # as discovery pairs them
         children = tensors.get(f"{FPE_PREFIX}children:{key}")
         if bias is not None and bias.numel() != rows:
             raise FPEError(f"packed weight {key!r} claims {rows} rows but its bias holds {bias.numel()}",

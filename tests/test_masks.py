@@ -114,3 +114,13 @@ def test_packed_deep_model_within_target_size(tmp_path, widths):
     save_checkpoint(mlp, dense, "dense")
     again = load_checkpoint(dense).mlp
     assert all(torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask) for a, b in zip(mlp.layers, again.layers))
+
+
+@pytest.mark.parametrize("weight, bias", [("0.weight", "0.bias"), ("W1", "b1"), ("weights.0", "biases.0")])
+def test_a_claimed_shape_is_checked_against_the_bias_however_it_is_named(weight, bias):
+    from fpe_cli.masks import unpack_packed
+
+    tensors = {f"fpe.values:{weight}": torch.zeros(0), f"fpe.shape:{weight}": torch.tensor([4096, 6]),
+               f"fpe.zmask:{weight}": encode_zmask(torch.zeros(4096, 6, dtype=torch.bool)), bias: torch.zeros(12)}
+    with pytest.raises(FPEError, match="claims 4096 rows but its bias holds 12"):
+        unpack_packed(tensors)
