@@ -81,6 +81,15 @@ def context() -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), device)
 
 
+def finish() -> None:
+    """End a torchrun job cleanly: wait for every rank (rank 0 may still be writing the output),
+    then tear the process group down. A rank that exits while gloo's connections are live can make
+    its peer abort (SIGABRT) at shutdown. A no-op in one process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     """True outside torchrun and on rank 0 (uses the environment, so it is safe before `context()`)."""
     return os.environ.get("RANK", "0") == "0"

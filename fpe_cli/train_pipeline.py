@@ -15,7 +15,7 @@ from typing import Iterator
 from .checkpoint import check_finite, load_checkpoint, recorded_budget, save_checkpoint
 from .data import (Dataset, check_input_width, check_output_width, label_notes, load_dataset, write_clause_map,
                    write_dataset_npz)
-from .distributed import context
+from .distributed import context, finish as finish_distributed
 from .errors import FPEError, VerificationError
 from .stfile import check_writable
 from .train import Callback, TrainConfig, evaluate, finetune, train_dense
@@ -110,9 +110,11 @@ def _no_state_after_failed_checks(state: Path, checkpoint_every: int) -> Iterato
 def _finish(output: Path, state: Path, checkpoint_every: int) -> None:
     """The output is safely written: the resume state has served its purpose. Also without
     --checkpoint-every: a state left by an interrupted earlier run (--force started over, or --resume
-    continued it) would otherwise outlive the output and be taken for this run's."""
+    continued it) would otherwise outlive the output and be taken for this run's. Under torchrun the
+    ranks then wait for each other and close the process group."""
     if context().is_main:
         state.unlink(missing_ok=True)
+    finish_distributed()
 
 
 # ---------------------------------------------------------------- commands
