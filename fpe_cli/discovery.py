@@ -245,10 +245,21 @@ def order_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:
     )
 
 
+def _looks_transposed(keys: list[str], tensors: dict[str, torch.Tensor]) -> bool:
+    """2-D weights that chain only when read as (in, out), with any biases sized like the columns."""
+    if any(tensors[k].ndim != 2 for k in keys) or _chains(keys, tensors):
+        return False
+    if not all(tensors[a].shape[1] == tensors[b].shape[0] for a, b in zip(keys, keys[1:])):
+        return False
+    biases = [next((tensors[b] for b in bias_candidates(k) if b in tensors), None) for k in keys]
+    return all(b is None or tuple(b.shape) == (tensors[k].shape[1],) for k, b in zip(keys, biases))
+
+
 def _transposed(keys: list[str], tensors: dict[str, torch.Tensor]) -> FPEError:
     return FPEError(
         f"weights look stored as (in, out): {_describe({k: tensors[k] for k in keys})}",
-        "fpe expects torch's nn.Linear layout (out, in); save W.T, or name the layers with --layers",
+        "fpe expects torch's nn.Linear layout (out, in), as nn.Linear's state_dict holds it; Flax and Keras "
+        "`kernel`s are (in, out): save each 2-D weight transposed (W.T) under the same name",
     )
 
 
@@ -284,8 +295,12 @@ def discover_layers(tensors: dict[str, torch.Tensor], layer_names: list[str] | N
         keys = order_chain(keys, user)
     layers = [_make_layer(k, user) for k in keys]
     problems = check_chain(layers)
+    if problems and layer_names and _looks_transposed(keys, user):
+        raise _transposed(keys, user)
     if problems:
-        raise FPEError("the layers do not form an MLP chain: " + "; ".join(problems), "name the layers with --layers")
+        hint = ("check the names and their order in --layers (first layer first)" if layer_names
+                else "name the layers with --layers")
+        raise FPEError("the layers do not form an MLP chain: " + "; ".join(problems), hint)
     used = {k for layer in layers for k in (layer.weight_key, layer.bias_key) if k}
     unused = sorted(set(user) - used, key=natural_key)
     if not layer_names:  # named layers are the user's choice to leave the rest out

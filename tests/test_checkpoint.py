@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_sequential, read_header_raw, read_numpy, run_cli, save_module, save_tensors, state_tensors
+from conftest import (assert_one_error_line, make_sequential, read_header_raw, read_numpy, run_cli, save_mlp, save_module,
+                      save_tensors, state_tensors)
 from fpe_cli.checkpoint import load_checkpoint
 from fpe_cli.errors import FPEError
 from fpe_cli.model import forward
@@ -180,6 +181,24 @@ def test_transposed_weights_are_named(tmp_path):
                                                       "l2.weight": torch.randn(5, 3, generator=g)})
     with pytest.raises(FPEError, match=r"\(in, out\)"):
         load_checkpoint(path)
+
+
+def test_flax_kernels_named_with_layers_are_called_transposed_not_sent_back_to_layers(tmp_path):
+    """safetensors.flax / numpy files hold Dense kernels as (in, out); --layers cannot fix that."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"params.Dense_0.kernel": torch.randn(6, 8, generator=g), "params.Dense_0.bias": torch.zeros(8),
+               "params.Dense_1.kernel": torch.randn(8, 3, generator=g), "params.Dense_1.bias": torch.zeros(3)}
+    path = save_tensors(tmp_path / "flax.safetensors", tensors)
+    for extra in ([], ["--layers", "params.Dense_0.kernel,params.Dense_1.kernel"]):
+        line = assert_one_error_line(run_cli(["params", path, *extra]), "(in, out)", "W.T")
+        assert "--layers" not in line
+
+
+def test_layers_in_the_wrong_order_get_an_order_hint(tmp_path):
+    path = save_mlp(tmp_path / "m.safetensors", [7, 5, 3])
+    line = assert_one_error_line(run_cli(["params", path, "--layers", "2.weight,0.weight"]), "do not form an MLP chain",
+                                 "order in --layers")
+    assert "(in, out)" not in line
 
 
 # ---------------------------------------------------------------- what fpe writes, read without fpe
