@@ -232,6 +232,9 @@ def _ensure_masks(mlp: MLP, fresh: set[int]) -> MLP:
     """
     out = mlp.copy()
     for i, layer in enumerate(out.layers):
+        # lineage is relative to the file being expanded: re-expanding an expanded file leaves the layers it
+        # does not split without lineage (they keep its masks), and split layers get theirs from split_rows
+        layer.parents = None
         if layer.mask is None:
             layer.mask = layer.weight != 0
         elif i not in fresh:
@@ -258,7 +261,7 @@ def expand_mlp(mlp: MLP, targets: list[Target], *, seed: int = 0, outgoing: str 
     plans = []
     origins = [Origin.of(layer) for layer in work.layers]
     for target in sorted(targets, key=lambda t: t.index):
-        layer_plan = _plan_for(work, target, plan, generator, inputs)
+        layer_plan = _plan_for(work, target, plan, generator, inputs, scored=mlp.layers[target.index])
         plans.append(layer_plan)
         work.layers[target.index] = split_rows(work.layers[target.index], layer_plan)  # the origin is unchanged
         counts = layer_plan.alpha if layer_plan.children is None else layer_plan.children
@@ -301,7 +304,9 @@ def layer_inputs(work: MLP, index: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def _plan_for(work: MLP, target: Target, plan: SplitPlan | None, generator: torch.Generator,
-              inputs: PlanInputs) -> LayerPlan:
+              inputs: PlanInputs, scored: Layer) -> LayerPlan:
+    """The plan of one target. `scored` is the layer as the input file holds it: --expand-top ranks its rows
+    (as `fpe analyze` does), not the rows whose columns an earlier target has already copied."""
     producer = work.layers[target.index]
     support = producer.support()
     if plan is None:
@@ -317,7 +322,8 @@ def _plan_for(work: MLP, target: Target, plan: SplitPlan | None, generator: torc
             calib = sibling_sum(calib, tied) if calib is not None else None
         layer_plan = plan_layer(weight, support, target.alpha, target.split, key=producer.weight_key,
                                 generator=generator, groups=inputs.groups, clusters=inputs.clusters,
-                                group_size=inputs.group_size, inputs=calib, top=target.top)
+                                group_size=inputs.group_size, inputs=calib, top=target.top,
+                                score=scored.weight * scored.support())
         if tied is not None:
             layer_plan.child = layer_plan.child[:, tied]  # each copy goes to the child owning its parent column
         return layer_plan
@@ -348,5 +354,6 @@ def function_drift(dense: MLP, expanded: MLP, x: torch.Tensor) -> dict[str, floa
         "relative_l2": float(diff / y0.norm().clamp(min=1e-12)),
         "max_abs_diff": float((y1 - y0).abs().max()) if y0.numel() else 0.0,
         "cosine": float(torch.nn.functional.cosine_similarity(y0.flatten(), y1.flatten(), dim=0)),
-        "argmax_agreement": float((y0.argmax(1) == y1.argmax(1)).float().mean()) if y0.shape[1] > 1 else float("nan"),
+        # an exact fraction k / N (a float32 mean would print 30/37 as 0.81081080436...)
+        "argmax_agreement": int((y0.argmax(1) == y1.argmax(1)).sum()) / y0.shape[0] if y0.shape[1] > 1 else float("nan"),
     }

@@ -209,10 +209,13 @@ def gram_clusters(weight: torch.Tensor, n_clusters: int, generator: torch.Genera
     return assign
 
 
-def top_parents(weight: torch.Tensor, support: torch.Tensor, top: float, alpha: int = 1) -> torch.Tensor:
+def top_parents(weight: torch.Tensor, support: torch.Tensor, top: float, alpha: int = 1,
+                score: torch.Tensor | None = None) -> torch.Tensor:
     """bool (h,): the `top` most polysemantic parents (a count >= 1, or a fraction in (0, 1)).
 
     Parents with fewer than `alpha` edges (dead or pruned neurons) cannot be split and are never chosen.
+    `score` (h, any): the rows to rank, when they differ from the weight's (a layer whose input columns an
+    earlier expansion copied is ranked on its rows before that); default weight * support.
     """
     h = weight.shape[0]
     k = int(top) if top >= 1 else max(1, round(top * h))
@@ -222,7 +225,8 @@ def top_parents(weight: torch.Tensor, support: torch.Tensor, top: float, alpha: 
     if k > int(splittable.sum()):
         raise FPEError(f"--expand-top {top:g} selects {k} neurons, but only {int(splittable.sum())} of {h} have at "
                        f"least alpha={alpha} input edges", f"select at most {int(splittable.sum())} neurons")
-    score = polysemanticity(weight * support).nan_to_num(1.0)  # the score `fpe analyze` reports; empty row -> 1
+    rows = weight * support if score is None else score
+    score = polysemanticity(rows).nan_to_num(1.0)  # the score `fpe analyze` reports; empty row -> 1
     score = torch.where(splittable, score, -math.inf)
     chosen = torch.zeros(h, dtype=torch.bool)
     chosen[torch.argsort(score, descending=True, stable=True)[:k]] = True
@@ -253,14 +257,16 @@ def plan_activation(weight: torch.Tensor, support: torch.Tensor, alpha: int, inp
 def plan_layer(weight: torch.Tensor, support: torch.Tensor, alpha: int, split: str, *, key: str,
                generator: torch.Generator, groups: torch.Tensor | None = None,
                clusters: int | None = None, group_size: int | None = None,
-               inputs: torch.Tensor | None = None, top: float | None = None) -> LayerPlan:
-    """Plan one producer layer with the named strategy (optionally only for the top parents)."""
+               inputs: torch.Tensor | None = None, top: float | None = None,
+               score: torch.Tensor | None = None) -> LayerPlan:
+    """Plan one producer layer with the named strategy (optionally only for the top parents, ranked on `score`'s
+    rows when given; see top_parents)."""
     if top is None:
         check_alpha(alpha, support, key)
         chosen = None
     else:  # only the chosen parents are split, and top_parents never picks one with fewer than alpha edges
         check_alpha_value(alpha)
-        chosen = top_parents(weight, support, top, alpha)
+        chosen = top_parents(weight, support, top, alpha, score)
     plan = _plan_all(weight, support, alpha, split, key=key, generator=generator, groups=groups,
                      clusters=clusters, group_size=group_size, inputs=inputs)
     if chosen is not None:

@@ -214,7 +214,10 @@ def check_invariants(mlp: MLP, budget: int | None, source: MLP | None = None,
 def layer_counts(layer: Layer, hidden: bool) -> dict:
     """Counts of one layer. A tied layer is counted on its parameter matrix [out, parents] (each shared
     column once), so weights, non-zeros and sparsity describe the same entries."""
-    weight = layer.weight if layer.tied is None else layer.weight[:, first_of_groups(layer.tied)]
+    weight, support = layer.weight, layer.support()
+    if layer.tied is not None:
+        first = first_of_groups(layer.tied)
+        weight, support = weight[:, first], support[:, first]
     numel = weight.numel()
     active = layer.active_weights()
     return {
@@ -223,7 +226,7 @@ def layer_counts(layer: Layer, hidden: bool) -> dict:
         "dtype": str(layer.weight.dtype).replace("torch.", ""),
         "stored_elements": numel,  # entries of the dense matrix (the parameter matrix of a tied layer)
         "weights": active,  # weights that exist (mask entries, or non-zeros without a mask)
-        "nonzero_weights": int((weight != 0).sum()),
+        "nonzero_weights": int(((weight != 0) & support).sum()),  # an off-mask entry is no weight, zero or not
         "biases": layer.bias.numel() if layer.bias is not None else 0,
         "neurons_out": layer.out_features,
         "hidden": hidden,
