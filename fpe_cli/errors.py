@@ -27,6 +27,8 @@ class VerificationError(FPEError):
 
     exit_code = EXIT_VERIFY_FAILED
 
-    def __init__(self, violations: list[str]):
+    def __init__(self, violations: list[str], consequence: str | None = None):
+        """`consequence`: what the violations mean for the command that found them (not counted as one)."""
         self.violations = list(violations)
-        super().__init__(f"{len(violations)} invariant(s) violated: " + "; ".join(violations))
+        message = f"{len(violations)} invariant(s) violated: " + "; ".join(violations)
+        super().__init__(message + (f"; {consequence}" if consequence else ""))

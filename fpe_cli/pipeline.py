@@ -17,7 +17,8 @@ import torch
 from .checkpoint import (Checkpoint, check_finite, load_checkpoint, load_plan, metadata_json, recorded_budget,
                          save_checkpoint, save_plan)
 from .errors import FPEError, VerificationError
-from .expand import ExpandResult, PlanInputs, expand_mlp, function_drift
+from .expand import OUTGOING, ExpandResult, PlanInputs, expand_mlp, function_drift
+from .plan import STRATEGIES
 from .recipe import load_clause_map, load_recipe, parse_selection, select_targets
 from .stfile import check_writable, read_header, sha256_file
 from .verify import check_invariants, check_off_mask_zero, check_ties, model_counts
@@ -105,9 +106,11 @@ def check_settings(settings: dict, opts: ExpandOptions) -> None:
     _int_or_none(settings, "seed", 0)
     _int_or_none(settings, "clusters", 1)
     _int_or_none(settings, "group_size", 1)
-    for key in ("split", "outgoing"):
+    for key, names in (("split", STRATEGIES), ("outgoing", OUTGOING)):
         if not isinstance(settings[key], str):
             raise FPEError(f"{key} must be a name, got {settings[key]!r}")
+        if settings[key] not in names:  # before any file is read or an output checked
+            raise FPEError(f"unknown {key} {settings[key]!r}", f"choose one of: {', '.join(names)}")
     top = settings["expand_top"]
     if top is not None and (isinstance(top, bool) or not isinstance(top, (int, float)) or top <= 0
                             or (top >= 1 and top != int(top))):
@@ -358,7 +361,7 @@ def convert_file(model: Path, layout: str, output: Path, force: bool = False, la
     check_writable(output, force=force, inputs=(model,))
     lossy = check_off_mask_zero(ckpt.mlp) + (check_ties(ckpt.mlp) if layout == "packed" else [])
     if lossy:  # off-mask values (either layout) and unequal tied copies (packed keeps one) would be dropped
-        raise VerificationError(lossy + ["converting would drop these values; the conversion would not be lossless"])
+        raise VerificationError(lossy, "converting would drop these values; the conversion would not be lossless")
     meta = {k: v for k, v in ckpt.metadata.items() if k != "fpe.layout"}
     size = save_checkpoint(ckpt.mlp, output, layout, meta, force=force)
     return {"input": str(model), "output": str(output), "from_layout": ckpt.layout, "to_layout": layout,

@@ -4,6 +4,31 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+
+def print_table(console: Console, table: Table) -> None:
+    """A table as is when it fits the console; otherwise one line per row (`first: header value; ...`)
+    that the terminal wraps at spaces. Rich would squeeze the columns into the width and cut numbers
+    to `2,097,1…` or drop a column whole, and a printed number must never be cut."""
+    natural = console.measure(table, options=console.options.update(max_width=1 << 16)).maximum
+    if natural <= console.width:
+        console.print(table)
+        return
+    if table.title:
+        console.print(table.title, highlight=False, soft_wrap=False)
+    headers = [_plain(c.header) for c in table.columns]
+    columns = [[_plain(cell) for cell in c.cells] for c in table.columns]
+    for row in zip(*columns):
+        fields = "; ".join(f"{h} {v}" for h, v in zip(headers[1:], row[1:]) if v)
+        console.print(f"{headers[0]} {row[0]}: {fields}" if row[0] else fields, highlight=False, markup=False)
+
+
+def _plain(cell) -> str:
+    """A cell's text without its markup."""
+    if isinstance(cell, Text):
+        return cell.plain
+    return Text.from_markup(cell).plain if isinstance(cell, str) else str(cell)
 
 
 def _fmt_int(n) -> str:
@@ -22,7 +47,7 @@ def render_expand(doc: dict, console: Console) -> None:
         table.add_row(row["weight"], f"{_shape(row['shape_before'])} -> {_shape(row['shape_after'])}",
                       row["split"] or "-", _fmt_int(row["alpha"]), _fmt_int(row["weights_before"]),
                       _fmt_int(row["weights_after"]), _fmt_int(row["pruned"]))
-    console.print(table)
+    print_table(console, table)
     holds = "[green]holds[/]" if doc["budget_holds"] else "[red]VIOLATED[/]"
     console.print(f"hidden widths {doc['hidden_widths_before']} -> {doc['hidden_widths_after']}; "
                   f"weights {doc['weights_after']:,} / budget {doc['budget']:,} ({holds})")
@@ -56,7 +81,7 @@ def render_params(doc: dict, console: Console) -> None:
     t = doc["total"]
     table.add_row("total", "", "", _fmt_int(t["stored_elements"]), _fmt_int(t["weights"]), _fmt_int(t["nonzero_weights"]),
                   _fmt_int(t["biases"]), "", _fmt_int(t["bytes_on_disk"]), style="bold")
-    console.print(table)
+    print_table(console, table)
     console.print(f"hidden neurons: {t['hidden_neurons']:,}; file: {doc['file_bytes']:,} bytes")
     tied = [r["weight"] for r in doc["layers"] if r.get("tied")]
     if tied:
@@ -77,13 +102,13 @@ def render_inspect(doc: dict, console: Console) -> None:
     for r in doc["chain"]:
         chain.add_row(r["weight"], r["bias"] or "-", _shape(r["shape"]), r["dtype"], "yes" if r["mask"] else "no",
                       "yes" if r["lineage"] else "no", "yes" if r["tied"] else "no")
-    console.print(chain)
+    print_table(console, chain)
     tensors = Table(title="tensors", title_justify="left")
     for col in ("name", "dtype", "shape"):
         tensors.add_column(col)
     for r in doc["tensors"]:
         tensors.add_row(r["name"], r["dtype"], _shape(r["shape"]) or "scalar")
-    console.print(tensors)
+    print_table(console, tensors)
     if doc["unused_tensors"]:
         console.print(f"[yellow]not part of the chain:[/] {', '.join(doc['unused_tensors'])}")
     for k, v in sorted(doc["metadata"].items()):

@@ -19,6 +19,7 @@ from rich.table import Table
 from . import analysis as A
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import FPEError
+from .report import print_table
 from .stfile import atomic_output, check_writable
 from .verify import non_finite_tensors
 
@@ -260,15 +261,15 @@ def _parents_table(cmp: dict) -> Table:
 
 def render_analyze(doc: dict, console: Console) -> None:
     for model in doc["models"]:
-        console.print(_summary_table(model))
+        print_table(console, _summary_table(model))
     if doc["data"]:
         d = doc["data"]
         console.print(f"data metrics on {d['source']} ({d['split']} split, {d['samples']} samples, {d['num_classes']} classes)")
     if doc["top"]:
         for model in doc["models"]:
-            console.print(_top_table(model))
+            print_table(console, _top_table(model))
     for table in _comparison_tables(doc) if doc["comparison"] else []:
-        console.print(table)
+        print_table(console, table)
     console.print("capacity: higher = less interference (sum <= neurons); |cos|: lower = more orthogonal neurons")
     console.print("polysemanticity: effective number of input features per neuron; fold change = expanded / dense")
 

@@ -260,10 +260,28 @@ def atomic_output(path: Path, *, force: bool = False) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, _output_mode(path))  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp_path, path)
+        _publish(tmp_path, path, force)
     except BaseException:
         _remove_temps(path.parent, prefix)
         raise
+
+
+def _publish(tmp: Path, path: Path, force: bool) -> None:
+    """Move the finished temp file to `path`. Without --force, a file that appeared there while fpe was
+    working (another run, another tool) is not replaced: a hard link fails when the name exists, where a
+    rename would silently overwrite. Filesystems without hard links fall back to check-then-rename."""
+    if force:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FPEError(f"{path}: output exists (it appeared while fpe was working)", "pass --force to overwrite") from None
+    except OSError:  # no hard links here (EPERM, ENOTSUP, ...): the check made before the work stands
+        check_writable(path)
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def _remove_temps(directory: Path, prefix: str) -> None:
@@ -299,6 +317,8 @@ def check_writable(path: Path, *, force: bool = False, inputs: tuple[Path, ...] 
             raise FPEError(f"{path}: output path is the input file", "choose another output path")
     if path.is_symlink():
         raise FPEError(f"{path}: output path is a symbolic link; refusing to write through it", "choose a plain path")
+    if path.exists() and not path.is_file():  # a FIFO, socket or device node: --force must not replace it
+        raise FPEError(f"{path}: output path exists and is not a regular file", "choose a plain file path")
     if path.exists() and not force:
         raise FPEError(f"{path}: output exists", "pass --force to overwrite")
 

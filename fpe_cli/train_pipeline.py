@@ -179,8 +179,8 @@ def finetune_file(model: Path, data: str, cfg: TrainConfig, output: Path | None,
     if ckpt.mlp.is_expanded:  # a broken expansion (masks dropped, siblings sharing edges) must not train
         problems = check_invariants(ckpt.mlp, recorded_budget(ckpt.metadata))
         if problems:
-            raise VerificationError(problems + [f"{model} breaks FPE's invariants; fine-tuning it would keep them "
-                                                "broken (see fpe verify)"])
+            raise VerificationError(problems, f"{model} breaks FPE's invariants; fine-tuning it would keep them "
+                                      "broken (see fpe verify)")
     dataset = load_dataset(data)
     output = output or default_finetune_output(model)
     state = state_path_for(output)

@@ -30,11 +30,20 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+class _Console(Console):
+    """A reader that went away (`fpe params m | head -n1`) is an OSError like any other, reported by
+    handle_errors as one `Error:` line; rich's own handling exits 1 silently."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe (the reader of the output went away)")
+
+
 # Diagnostics, tables and progress go to stderr unless a command renders its result on stdout.
 def _console(stderr: bool) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     wide = None if stream.isatty() else 160  # pipes and logs: do not squeeze tables into 80 columns
-    return Console(stderr=stderr, width=wide)
+    return _Console(stderr=stderr, width=wide)
 
 
 err_console = _console(stderr=True)
@@ -81,6 +90,17 @@ def parse_layers(value: str | None) -> list[str] | None:
     return names
 
 
+_interrupt_reported = False
+
+
+def report_interrupt() -> None:
+    """`Error: interrupted`, once per process (a command reports it; `main` only when nothing did)."""
+    global _interrupt_reported  # noqa: PLW0603 - one process, one interruption
+    if not _interrupt_reported:
+        _interrupt_reported = True
+        print("Error: interrupted", file=sys.stderr)
+
+
 def report_error(exc: FPEError) -> None:
     print(f"Error: {exc}", file=sys.stderr)
     if os.environ.get("FPE_DEBUG") == "1":
@@ -100,7 +120,17 @@ def os_error_message(exc: OSError) -> tuple[int, str]:
         return EXIT_BAD_INPUT, f"{text} (check the permissions of the file and its directory)"
     if exc.errno in BAD_PATH_ERRNOS:
         return EXIT_BAD_INPUT, f"{text} (check the path)"
+    if exc.errno == errno.EPIPE:  # stdout's reader is gone: what is still buffered must not fail again at exit
+        _drop_stdout()
     return EXIT_RUNTIME, text
+
+
+def _drop_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor behind stdout (tests, closed stream)
+        pass
 
 
 def handle_errors(func: Callable) -> Callable:
@@ -116,7 +146,7 @@ def handle_errors(func: Callable) -> Callable:
             report_error(exc)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            print("Error: interrupted", file=sys.stderr)
+            report_interrupt()
             raise typer.Exit(130) from None
         except MemoryError:
             print("Error: out of memory (try a smaller model or batch size)", file=sys.stderr)

@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..report import print_table
 from .common import (ActivationOpt, ForceOpt, JsonOpt, LayersOpt, ModelArg, QuietOpt, app, emit_json, err_console,
                      handle_errors, note, out_console, parse_layers)
 
@@ -158,7 +159,7 @@ def evaluate(
     Example:  fpe evaluate dense.safetensors dense.fpe4.ft.safetensors --data digits
     """
     doc = _workflows().evaluate_files(models, data, parse_layers(layers), activation)
-    emit_json(doc) if json_out else out_console.print(evaluation_table(doc))
+    emit_json(doc) if json_out else print_table(out_console, evaluation_table(doc))
     _notes(doc, json_out)
 
 
@@ -167,8 +168,7 @@ def evaluation_table(doc: dict) -> Table:
     table = Table(title=f"{doc['data']['name']} (test: {doc['data']['test']} samples)")
     for col in ("model", "layout", "widths", "weights", "non-zero", "biases", "test loss", "test acc", "train acc"):
         left = col in ("model", "layout", "widths")
-        table.add_column(col, justify="left" if left else "right", overflow="fold" if col == "model" else "ellipsis",
-                         no_wrap=not left)
+        table.add_column(col, justify="left" if left else "right")
     if multilabel:
         table.add_column("label acc", justify="right")
     for row in doc["models"]:
