@@ -73,7 +73,8 @@ def grouped_linear(x: torch.Tensor, block: torch.Tensor, index: torch.Tensor, bi
     n_groups, alpha, group, m = block.shape
     xg = x[:, index.clamp(min=0).view(-1)].view(x.shape[0], n_groups * alpha, m).transpose(0, 1)  # (groups*alpha, N, m)
     out = torch.bmm(xg, block.view(n_groups * alpha, group, m).transpose(1, 2))  # (groups*alpha, N, G)
-    out = out.view(n_groups, alpha, -1, group).permute(2, 0, 3, 1).reshape(x.shape[0], -1)  # (N, alpha*h)
+    n = x.shape[0]  # explicit sizes below: an empty shard (N = 0) cannot infer a -1
+    out = out.view(n_groups, alpha, n, group).permute(2, 0, 3, 1).reshape(n, n_groups * group * alpha)  # (N, alpha*h)
     return out + bias if bias is not None else out
 
 

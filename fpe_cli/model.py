@@ -90,7 +90,7 @@ def sibling_sum(x: torch.Tensor, tied: torch.Tensor, k: int | None = None) -> to
     """
     k = k if k is not None else uniform_children(tied)
     if k:
-        return x.view(x.shape[0], -1, k).sum(dim=2)
+        return x.view(x.shape[0], x.shape[1] // k, k).sum(dim=2)  # explicit sizes: an empty shard has N = 0
     parents = int(tied[-1]) + 1 if tied.numel() else 0
     return torch.zeros(x.shape[0], parents, dtype=x.dtype).index_add_(1, tied, x)
 

@@ -59,8 +59,10 @@ class TrainConfig:
             problems.append(f"batch size must be >= 1, got {self.batch_size}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.momentum < 0 or self.weight_decay < 0:
-            problems.append("momentum and weight decay must be >= 0")
+        if not (self.momentum >= 0 and math.isfinite(self.momentum)):
+            problems.append(f"momentum must be a finite number >= 0, got {self.momentum}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            problems.append(f"weight decay must be a finite number >= 0, got {self.weight_decay}")
         if problems:
             raise FPEError("; ".join(problems))
 
