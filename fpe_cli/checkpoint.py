@@ -26,7 +26,7 @@ import torch
 
 from . import BASE_FORMAT_VERSION, FORMAT_VERSION, TIED_FORMAT_VERSION, ZMASK_FORMAT_VERSION, __version__
 from .discovery import FPE_PREFIX, discover_layers
-from .errors import FPEError
+from .errors import JSON_ERRORS, FPEError
 from .masks import encode_zmask, packed_values, unpack_packed
 from .model import MLP, Layer, activation_fn, effective_weight, first_of_groups
 from .plan import LayerPlan, SplitPlan
@@ -56,7 +56,7 @@ def metadata_json(metadata: dict[str, str], key: str, default=None, where: Path 
         return default
     try:
         return json.loads(metadata[key])
-    except json.JSONDecodeError:
+    except JSON_ERRORS:
         prefix = f"{where}: " if where is not None else ""
         raise FPEError(f"{prefix}metadata {key!r} is not valid JSON: {metadata[key][:80]!r}") from None
 
@@ -76,7 +76,7 @@ def _check_format_version(metadata: dict[str, str], path: Path) -> None:
     version = metadata.get("fpe.format_version")
     if version is None:
         return
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
+    if not (version.isascii() and version.isdigit() and len(version) <= 6) or int(version) > FORMAT_VERSION:
         raise FPEError(
             f"{path}: written in fpe format version {version!r}; this fpe reads versions up to {FORMAT_VERSION}",
             "upgrade fpe",
@@ -122,6 +122,21 @@ def _attach_masks_and_lineage(layers: list[Layer], tensors: dict[str, torch.Tens
         raise FPEError("; ".join(problems))
 
 
+def _is_lineage_of(tensors: dict[str, torch.Tensor], name: str, lineage: torch.Tensor, counts: torch.Tensor, total: int) -> bool:
+    """`name` is an `fpe.children:<key>` equal to `counts` whose weight exists with `total` rows (and inputs)."""
+    if not name.startswith(FPE_PREFIX + "children:") or lineage.dtype != counts.dtype or not torch.equal(lineage, counts):
+        return False
+    weight = tensors.get(name.split(":", 1)[1])
+    return weight is not None and weight.ndim == 2 and weight.shape[0] == total and weight.shape[1] > 0
+
+
+def _check_no_stray_lineage(tensors: dict[str, torch.Tensor]) -> None:
+    """Every `fpe.children:<key>` must describe a weight in the file."""
+    stray = [n for n in tensors if n.startswith(FPE_PREFIX + "children:") and n.split(":", 1)[1] not in tensors]
+    if stray:
+        raise FPEError(f"{', '.join(stray[:3])}: lineage of a weight that is not in the file", "the file is corrupt or was edited")
+
+
 def _widen_tied(tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Read `fpe.tied:<key>` (int32 copies per parent column); a packed weight stored once per parent is
     widened to its copies here. Returns {key: parent of each input column}."""
@@ -134,15 +149,17 @@ def _widen_tied(tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
         if counts.dtype != torch.int32 or counts.ndim != 1 or (counts.numel() and int(counts.min()) < 1):
             raise FPEError(f"{name}: expected a 1-D int32 tensor of copies per parent column (each >= 1), "
                            f"found {counts.dtype} {tuple(counts.shape)}")
-        lineages = [t for n, t in tensors.items() if n.startswith(FPE_PREFIX + "children:")]
-        if not any(t.dtype == counts.dtype and torch.equal(t, counts) for t in lineages):
+        # sizes first, from tensors that exist: a corrupt count would otherwise allocate its sum
+        total = int(counts.to(torch.int64).sum())
+        if not any(_is_lineage_of(tensors, n, t, counts, total) for n, t in tensors.items()):
             raise FPEError(f"{name}: its copies per column are no expanded layer's children counts",
                            "the file is corrupt or was edited")
+        packed = weight.shape[1] == counts.numel() and key in masks  # packed: one column per parent
+        if not packed and weight.shape[1] != total:
+            raise FPEError(f"{name}: {total} tied columns, but {key} has {weight.shape[1]} inputs")
         parents = torch.arange(counts.numel()).repeat_interleave(counts.to(torch.int64))
-        if weight.shape[1] == counts.numel() and key in masks:  # packed: one column per parent
+        if packed:
             tensors[key], masks[key] = weight[:, parents], masks[key][:, parents]
-        elif weight.shape[1] != parents.numel():
-            raise FPEError(f"{name}: {parents.numel()} tied columns, but {key} has {weight.shape[1]} inputs")
         tied[key] = parents
     return tied
 
@@ -191,6 +208,7 @@ def load_checkpoint(path: Path, layers: list[str] | None = None, activation: str
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}  # stored bytes (as the header says)
     _check_format_version(metadata, path)
     tensors, masks = unpack_packed(tensors)
+    _check_no_stray_lineage(tensors)
     tied = _widen_tied(tensors, masks)
     layout = "packed" if masks else "dense" if any(k.startswith(FPE_PREFIX + "mask:") for k in tensors) else "plain"
     if layers is None and "fpe.layers" in metadata:

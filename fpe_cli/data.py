@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FPEError
+from .errors import JSON_ERRORS, FPEError
 from .stfile import atomic_output
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -295,7 +295,7 @@ def _scalar_int(value: np.ndarray | None, path: Path) -> int | None:
 def _info(value: np.ndarray | None) -> dict:
     try:
         return json.loads(str(value)) if value is not None and value.dtype.kind == "U" else {}
-    except json.JSONDecodeError:
+    except JSON_ERRORS:
         return {}
 
 

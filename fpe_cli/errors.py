@@ -32,3 +32,7 @@ class VerificationError(FPEError):
         self.violations = list(violations)
         message = f"{len(violations)} invariant(s) violated: " + "; ".join(violations)
         super().__init__(message + (f"; {consequence}" if consequence else ""))
+
+# What json.loads raises on text it cannot take: JSONDecodeError (a ValueError), an integer of more than
+# 4300 digits (ValueError), nesting deeper than the interpreter's recursion limit (RecursionError).
+JSON_ERRORS = (ValueError, RecursionError)

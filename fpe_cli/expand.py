@@ -124,7 +124,30 @@ class Origin:
 
 
 PRUNE_CHUNK = 1 << 22  # elements per step when scanning a layer (bounds temporaries)
-NOT_A_WEIGHT = 0x7FFFFFFF  # bit pattern parked on non-edges: above every finite magnitude, in its own bucket
+DIGIT = 16  # bits per radix-select pass
+
+
+@dataclass(frozen=True)
+class _Key:
+    """How magnitudes become sortable integers: float32 bits (float16/bfloat16 convert exactly), or
+    float64 bits when any layer is float64 (a float32 key would round 1 + 1e-12 to 1 and call 1e300 Inf)."""
+
+    float_dtype: torch.dtype
+    int_dtype: torch.dtype
+    width: int
+    first_non_finite: int  # top digit of +Inf: exponent all ones
+
+    @property
+    def not_a_weight(self) -> int:
+        """Bit pattern parked on non-edges: above every finite magnitude (it is a NaN pattern; non-edges
+        are counted, so a real NaN there is still found)."""
+        return (1 << (self.width - 1)) - 1
+
+    @classmethod
+    def for_origins(cls, origins: list["Origin"]) -> "_Key":
+        if any(o.weight.dtype == torch.float64 for o in origins):
+            return cls(torch.float64, torch.int64, 64, 0x7FF0)
+        return cls(torch.float32, torch.int32, 32, 0x7F80)
 
 
 def _row_chunks(rows: int, cols: int):
@@ -143,60 +166,73 @@ def _column_groups(origin: Origin):
     return [((origin.copies == v).nonzero().flatten(), int(v)) for v in values]
 
 
-def _magnitude_bits(origin: Origin):
-    """(int32 bit patterns of |w|, multiplicity) blocks over an origin; non-edges hold NOT_A_WEIGHT.
+def _magnitude_bits(origin: Origin, key: _Key):
+    """(bit patterns of |w|, multiplicity, non-edges) blocks over an origin; non-edges hold key.not_a_weight.
 
     For non-negative floats the IEEE bit pattern orders exactly like the value, so selecting on
-    the bits selects on the magnitudes (float16/bfloat16 convert to float32 exactly).
+    the bits selects on the magnitudes.
     """
     rows, cols = origin.weight.shape
     for columns, copies in _column_groups(origin):
         for r in _row_chunks(rows, cols):
             w, m = origin.weight[r][:, columns], origin.mask[r][:, columns]
-            bits = w.abs().to(torch.float32).view(torch.int32)
-            yield torch.where(m, bits, NOT_A_WEIGHT).view(-1), copies
+            bits = w.abs().to(key.float_dtype).view(key.int_dtype)
+            yield torch.where(m, bits, key.not_a_weight).view(-1), copies, m.numel() - int(torch.count_nonzero(m))
 
 
-def _histogram(origins: list[Origin], select) -> torch.Tensor:
-    """Counts of the 16-bit keys `select(bits)` returns, each weight counted as often as it is copied."""
-    hist = torch.zeros(1 << 16, dtype=torch.int64)
+def _histogram(origins: list[Origin], key: _Key, select) -> tuple[torch.Tensor, int]:
+    """Counts of the 16-bit digits `select(bits)` returns, each weight counted as often as it is copied,
+    and the number of non-edges scanned (copies counted too)."""
+    hist = torch.zeros(1 << DIGIT, dtype=torch.int64)
+    non_edges = 0
     for origin in origins:
-        for bits, copies in _magnitude_bits(origin):
+        for bits, copies, holes in _magnitude_bits(origin, key):
             picked = select(bits)
-            hist += copies * torch.bincount(picked, minlength=1 << 16)[: 1 << 16]
-    return hist
+            hist += copies * torch.bincount(picked, minlength=1 << DIGIT)[: 1 << DIGIT]
+            non_edges += copies * holes
+    return hist, non_edges
 
 
 def _select_threshold(origins: list[Origin], excess: int) -> tuple[float, int]:
     """The excess-th smallest |w| among existing weights, and how many are strictly smaller.
 
-    A two-pass radix select on the bit patterns (high 16 bits, then low 16 within one bucket): exact,
-    with memory bounded by one row chunk instead of an array of every magnitude.
+    A radix select on the bit patterns, 16 bits per pass (two passes for float32 keys, four for
+    float64): exact, with memory bounded by one row chunk instead of an array of every magnitude.
     """
-    high = _histogram(origins, lambda b: b >> 16)
-    high[NOT_A_WEIGHT >> 16] = 0  # non-edges
-    if int(high[0x7F80:].sum()):  # exponent all ones: Inf or NaN
-        raise FPEError("non-finite (NaN or Inf) weights cannot be ranked by magnitude", "fix or retrain the checkpoint")
-    cum = high.cumsum(0)
-    bucket = int(torch.searchsorted(cum, excess))  # first bucket whose running count reaches excess
-    below = int(cum[bucket - 1]) if bucket else 0
-    low = _histogram(origins, lambda b: (b[b >> 16 == bucket] & 0xFFFF))
-    cum = low.cumsum(0)
-    rest = int(torch.searchsorted(cum, excess - below))
-    below += int(cum[rest - 1]) if rest else 0
-    threshold = torch.tensor([(bucket << 16) | rest], dtype=torch.int32).view(torch.float32)
+    key = _Key.for_origins(origins)
+    prefix, below = 0, 0
+    for shift in range(key.width - DIGIT, -1, -DIGIT):
+        if shift == key.width - DIGIT:
+            hist, non_edges = _histogram(origins, key, lambda b: b >> shift)
+            non_finite = int(hist[key.first_non_finite:].sum()) - non_edges  # non-edges sit in the top bucket
+            if non_finite:
+                raise FPEError("non-finite (NaN or Inf) weights cannot be ranked by magnitude", "fix or retrain the checkpoint")
+            hist[key.not_a_weight >> shift] -= non_edges
+        else:
+            hist, _ = _histogram(origins, key, lambda b: (b[(b >> (shift + DIGIT)) == prefix] >> shift) & 0xFFFF)
+        cum = hist.cumsum(0)
+        digit = int(torch.searchsorted(cum, excess - below))  # first digit whose running count reaches it
+        below += int(cum[digit - 1]) if digit else 0
+        prefix = (prefix << DIGIT) | digit
+    threshold = torch.tensor([prefix], dtype=torch.int64).to(key.int_dtype).view(key.float_dtype)
     return float(threshold), below
 
 
 def _prune_layer(layer: Layer, threshold: float, ties_to_prune: int) -> tuple[int, int]:
-    """Prune |w| < threshold, then the first `ties_to_prune` |w| == threshold; returns (pruned, ties left)."""
+    """Prune |w| < threshold, then the first `ties_to_prune` |w| == threshold; returns (pruned, ties left).
+
+    Magnitudes are compared in float64 (exact for every float dtype, and a Python float threshold is one)."""
     before = int(torch.count_nonzero(layer.mask))
+    limit = torch.tensor(threshold, dtype=torch.float64)
     for rows in _row_chunks(layer.out_features, layer.in_features):
         w, mask = layer.weight[rows], layer.mask[rows]
-        mag = w.abs() if w.dtype == torch.float32 else w.abs().to(torch.float32)
-        keep = mag >= threshold
+        mag, bound = w.abs(), limit
+        if w.dtype != torch.float64:  # float32 compares exactly when the threshold is a float32 value
+            exact32 = float(limit.to(torch.float32)) == threshold
+            mag, bound = (mag.to(torch.float32), limit.to(torch.float32)) if exact32 else (mag.to(torch.float64), limit)
+        keep = mag >= bound
         if ties_to_prune > 0:
-            tie_idx = (mask & (mag == threshold)).view(-1).nonzero().flatten()[:ties_to_prune]
+            tie_idx = (mask & (mag == bound)).view(-1).nonzero().flatten()[:ties_to_prune]
             keep.view(-1)[tie_idx] = False
             ties_to_prune -= tie_idx.numel()
         drop = mask & ~keep

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import FPEError
+from .errors import JSON_ERRORS, FPEError
 from .model import MLP, activation_fn, first_of_groups, sibling_sum, uniform_children
 
 
@@ -159,7 +159,7 @@ def recorded_group_size(metadata: dict[str, str]) -> int | None:
     """The --group-size an expanded checkpoint was made with (recorded in fpe.settings), if any."""
     try:
         value = json.loads(metadata.get("fpe.settings", "{}")).get("group_size")
-    except (json.JSONDecodeError, AttributeError):
+    except (*JSON_ERRORS, AttributeError):
         return None
     return value if isinstance(value, int) and value > 0 else None
 

@@ -182,8 +182,9 @@ def _packed_shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int
         shape = tensors.get(f"{FPE_PREFIX}shape:{key}")
         if shape is None or not any(f"{FPE_PREFIX}{kind}:{key}" in tensors for kind in ("zmask", "bitmask")):
             raise FPEError(f"packed weight {key!r} lacks its mask or shape tensor")
-        if shape.dtype != torch.int64 or tuple(shape.shape) != (2,) or bool((shape < 0).any()):
-            raise FPEError(f"packed weight {key!r}: shape tensor must be int64 [out, in], found {shape.tolist()}")
+        if shape.dtype != torch.int64 or tuple(shape.shape) != (2,) or bool((shape < 1).any()):
+            found = shape.tolist() if shape.ndim == 1 and shape.numel() <= 4 else f"{shape.dtype} {tuple(shape.shape)}"
+            raise FPEError(f"packed weight {key!r}: shape tensor must be int64 [out, in], both >= 1, found {found}")
         if key in tensors:
             raise FPEError(f"weight {key!r} is stored both packed and dense; which one is meant is unclear",
                            "the file is corrupt or was edited; keep one of the two")

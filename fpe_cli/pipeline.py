@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import (Checkpoint, check_finite, load_checkpoint, load_plan, metadata_json, recorded_budget,
                          save_checkpoint, save_plan)
-from .errors import FPEError, VerificationError
+from .errors import JSON_ERRORS, FPEError, VerificationError
 from .expand import OUTGOING, ExpandResult, PlanInputs, expand_mlp, function_drift
 from .plan import STRATEGIES
 from .recipe import load_clause_map, load_recipe, parse_selection, select_targets
@@ -342,7 +342,7 @@ def inspect_report(model: Path, layers=None, activation=None) -> dict:
     for k, v in ckpt.metadata.items():
         try:
             meta[k] = json.loads(v) if k.startswith("fpe.") else v
-        except json.JSONDecodeError:
+        except JSON_ERRORS:
             meta[k] = v
     return {
         "model": str(model), "layout": ckpt.layout, "sha256": ckpt.sha256, "file_bytes": model.stat().st_size,

@@ -333,6 +333,7 @@ def validate_layer_plan(plan: LayerPlan, support: torch.Tensor) -> list[str]:
         per_child = torch.zeros(c.shape[0], plan.alpha, dtype=torch.int64)
         per_child.scatter_add_(1, c.clamp(min=0), support.to(torch.int64))
         exists = torch.arange(plan.alpha)[None, :] < counts[:, None]  # (h, alpha)
+        exists &= (counts[:, None] > 1) | support.any(dim=1)[:, None]  # a dead parent kept whole has one empty child
         empty = int(((per_child == 0) & exists).sum())
         if empty:
             problems.append(f"{key}: plan leaves {empty} child(ren) without edges")

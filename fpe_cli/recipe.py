@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .errors import FPEError
+from .errors import JSON_ERRORS, FPEError
 from .expand import Target
 from .model import MLP
 
@@ -46,7 +46,7 @@ def read_yaml_or_json(path: Path, what: str):
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of the text
         return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+    except (UnicodeDecodeError, *JSON_ERRORS, yaml.YAMLError) as exc:  # ValueError also: yaml's own
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FPEError(f"{path}: cannot parse {what}: {first}") from None
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import FPEError
+from .errors import JSON_ERRORS, FPEError
 from .model import MLP
 from .stfile import read_safetensors, write_safetensors
 
@@ -103,8 +103,12 @@ def _load_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer,
     if not Path(path).exists():
         raise FPEError(f"{path}: no resume state to continue from", "run without --resume to start from the beginning")
     tensors, meta = read_safetensors(Path(path))
-    info = json.loads(meta.get("fpe.resume", "{}")) if meta.get("fpe.kind") == "resume-state" else {}
-    if not isinstance(info, dict) or info.get("version") != STATE_VERSION:
+    try:
+        info = json.loads(meta.get("fpe.resume", "{}")) if meta.get("fpe.kind") == "resume-state" else {}
+    except JSON_ERRORS:
+        info = {}
+    if not isinstance(info, dict) or info.get("version") != STATE_VERSION \
+            or not isinstance(info.get("optim_scalars"), dict) or "fingerprint" not in info:
         raise FPEError(f"{path}: not an fpe resume state (or from another version)", "delete it and start again")
     if info["fingerprint"] != fp["digest"]:
         saved = info.get("run")

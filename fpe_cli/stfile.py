@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import secrets
 import struct
@@ -19,10 +20,9 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 
-from .errors import FPEError
+from .errors import JSON_ERRORS, FPEError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle"}
@@ -111,7 +111,7 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
     except _DuplicateKey as exc:
         raise FPEError(f"{path}: corrupt safetensors header: duplicate key {exc.args[0]!r}") from None
     # ValueError: e.g. an integer of more than 4300 digits; RecursionError: absurdly deep nesting
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    except (UnicodeDecodeError, *JSON_ERRORS):
         _refuse_pickle(path, head)
         raise FPEError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
@@ -123,6 +123,15 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
         raise FPEError(f"{path}: __metadata__ must map strings to strings")
     _validate_entries(path, header, size - 8 - n)
     return header, metadata, 8 + n
+
+
+MAX_NUMEL = (1 << 63) - 1  # torch sizes are int64
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr of a header value, cut for an error message (a corrupt header can hold anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_int(value) -> bool:
@@ -142,15 +151,18 @@ def _validate_entries(path: Path, header: dict, data_len: int) -> None:
         if not isinstance(dtype, str) or dtype not in DTYPES:
             problems.append(f"{name}: unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
             continue
-        if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
-            problems.append(f"{name}: bad shape {shape!r}")
+        if not (isinstance(shape, list) and all(_is_int(s) and 0 <= s <= MAX_NUMEL for s in shape)):
+            problems.append(f"{name}: bad shape {_short(shape)}")
+            continue
+        if math.prod(s for s in shape if s) > MAX_NUMEL:  # torch cannot even describe it (an empty one included)
+            problems.append(f"{name}: shape {_short(shape)} has more elements than a tensor can hold")
             continue
         if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
-            problems.append(f"{name}: bad data_offsets {offs!r}")
+            problems.append(f"{name}: bad data_offsets {_short(offs)}")
             continue
         begin, end = offs
         needed = max(needed, end)
-        expected = int(np.prod(shape, dtype=np.float64)) * _itemsize(DTYPES[dtype])
+        expected = math.prod(shape) * _itemsize(DTYPES[dtype])
         if not 0 <= begin <= end <= data_len:
             problems.append(f"{name}: data_offsets {offs} outside the data section of {data_len} bytes")
         elif end - begin != expected:

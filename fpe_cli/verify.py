@@ -20,6 +20,7 @@ import json
 
 import torch
 
+from .errors import JSON_ERRORS
 from .model import MLP, Layer, effective_weight, first_of_groups
 
 
@@ -147,7 +148,7 @@ def _expansion_settings(metadata: dict[str, str]) -> dict | None:
         return None
     try:
         settings = json.loads(metadata["fpe.settings"])
-    except json.JSONDecodeError:
+    except JSON_ERRORS:
         return None
     if not isinstance(settings, dict) or settings.get("outgoing") not in ("copy", "split", "tie") \
             or settings.get("bias", "copy") != "copy":
