@@ -604,3 +604,20 @@ def test_convert_counts_only_the_violations(tmp_path, files):
     line = assert_one_error_line(run_cli(["convert", tmp_path / "offmask.safetensors", "--layout", "packed",
                                           "-o", tmp_path / "p.safetensors"]), "not be lossless", code=3)
     assert line.startswith("Error: 1 invariant(s) violated"), line
+
+
+# ---------------------------------------------------------------- a terminal that cannot show a name
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_a_name_the_output_encoding_cannot_show_is_escaped_not_an_internal_error(tmp_path, json_out):
+    """PYTHONIOENCODING=ascii (or a C locale on an old Python) and a model named modèle: the table prints
+    the name escaped and exits 0; --json stays valid JSON that decodes to the real name."""
+    model = save_mlp(tmp_path / "modèle.safetensors", [12, 8, 3])
+    proc = fpe(["params", model.name, *(["--json"] if json_out else [])], tmp_path, env=_env(PYTHONIOENCODING="ascii"))
+    doc = check_contract(proc, 0, json_out=json_out, label="ascii output")
+    if json_out:
+        assert doc["model"].endswith("modèle.safetensors")
+    else:
+        assert "mod\\xe8le.safetensors" in proc.stdout
+        assert "8x12" in proc.stdout and "120" in proc.stdout  # the shape and the 96 + 24 weights

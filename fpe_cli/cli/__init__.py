@@ -5,6 +5,7 @@ Each command parses, calls the library, renders. No math, no file formats here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import io
@@ -53,6 +54,16 @@ def _stand_in_for_closed_streams() -> None:
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
 
+def _escape_unencodable_output() -> None:
+    """A path or name the terminal's encoding cannot show (PYTHONIOENCODING=ascii, LANG=C on old
+    Pythons) is printed escaped (\\xe8), as stderr already does, instead of failing the command."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", None) == "strict":
+            with contextlib.suppress(ValueError, OSError):  # a stream that cannot be reconfigured keeps its errors
+                reconfigure(errors="backslashreplace")
+
+
 def _register_commands() -> None:
     """Import the command modules (importing one registers its commands on `app`)."""
     for name in COMMAND_MODULES:
@@ -65,6 +76,7 @@ def _register_commands() -> None:
 
 _install_signal_handlers()  # before the imports: a signal during them is an interruption, not a traceback
 _stand_in_for_closed_streams()
+_escape_unencodable_output()
 try:  # the imports (torch) take seconds: Ctrl-C during them is an interruption, not a traceback
     from typer.exceptions import TyperException
 
