@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import BASE_FORMAT_VERSION, FORMAT_VERSION, TIED_FORMAT_VERSION, ZMASK_FORMAT_VERSION, __version__
-from .discovery import FPE_PREFIX, discover_layers
+from .discovery import FPE_PREFIX, discover_layers, natural_key
 from .errors import JSON_ERRORS, FPEError
 from .masks import encode_zmask, packed_values, unpack_packed
 from .model import MLP, Layer, activation_fn, effective_weight, first_of_groups
@@ -130,6 +130,30 @@ def _is_lineage_of(tensors: dict[str, torch.Tensor], name: str, lineage: torch.T
     return weight is not None and weight.ndim == 2 and weight.shape[0] == total and weight.shape[1] > 0
 
 
+def _refuse_stored_once(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_model` stores a shared module once and records each dropped name in the
+    metadata (`{"4.weight": "2.weight"}`). When the dropped name is part of the chain the names describe
+    (a Linear reused in a Sequential), discovery without it would build another network: refused. A
+    second name that is no place in the chain (`self.classifier = self.fc2`) changes nothing."""
+    aliases = {k: v for k, v in metadata.items() if k not in tensors and v in tensors and k.rsplit(".", 1)[-1] in ("weight", "bias")}
+    if not aliases:
+        return
+    restored = {n: t for n, t in tensors.items() if not n.startswith(FPE_PREFIX)} | {k: tensors[v] for k, v in aliases.items()}
+    try:
+        chain, _ = discover_layers(restored)
+    except FPEError:
+        return  # with the dropped names the tensors form no chain: the stored names alone decide
+    used = sorted((k for layer in chain for k in (layer.weight_key, layer.bias_key) if k in aliases), key=natural_key)
+    if used:
+        shown = ", ".join(f"{k} (= {aliases[k]})" for k in used[:4])
+        raise FPEError(
+            f"{shown}: a layer the model uses more than once, stored once (safetensors.torch.save_model records "
+            "the shared name in the metadata); fpe expands layers that own their weights",
+            "save a state_dict with every weight, e.g. save_file({k: v.clone() for k, v in "
+            "model.state_dict().items()}, path)",
+        )
+
+
 def _check_no_stray_lineage(tensors: dict[str, torch.Tensor]) -> None:
     """Every `fpe.children:<key>` must describe a weight in the file."""
     stray = [n for n in tensors if n.startswith(FPE_PREFIX + "children:") and n.split(":", 1)[1] not in tensors]
@@ -209,6 +233,8 @@ def load_checkpoint(path: Path, layers: list[str] | None = None, activation: str
     _check_format_version(metadata, path)
     tensors, masks = unpack_packed(tensors)
     _check_no_stray_lineage(tensors)
+    if layers is None:  # named layers are the user's choice
+        _refuse_stored_once(tensors, metadata)
     tied = _widen_tied(tensors, masks)
     layout = "packed" if masks else "dense" if any(k.startswith(FPE_PREFIX + "mask:") for k in tensors) else "plain"
     if layers is None and "fpe.layers" in metadata:

@@ -67,21 +67,17 @@ def _family(name: str) -> str:
 def _refuse_flat_weights(tensors: dict[str, torch.Tensor], named: list[str]) -> None:
     """A 0-/1-D tensor named like the chain's weights (`1.weight` beside `0.weight`/`2.weight`), or
     whose bias has another length, sits where a linear weight is expected: a corrupt file or a layer
-    fpe cannot expand through (a norm). Skipping it would silently change the network."""
+    fpe cannot expand through. Skipping it would silently change the network. A norm (1-D weight and
+    bias of one length) is left to `_refuse_norms_inside`: at the input or output width it is outside."""
     families = {_family(k) for k in named}
     for key, t in sorted(tensors.items(), key=lambda kv: natural_key(kv[0])):
         if t.ndim >= 2 or not key.lower().endswith("weight"):
             continue
         bias = next((tensors[b] for b in bias_candidates(key) if b in tensors), None)
+        if t.ndim == 1 and bias is not None and tuple(bias.shape) == tuple(t.shape):
+            continue  # a norm's affine parameters: where it sits is decided by its width (_refuse_norms_inside)
         if named and (_family(key) in families or (bias is not None and tuple(bias.shape) != tuple(t.shape))):
             linear = sorted(named, key=natural_key)
-            if bias is not None and tuple(bias.shape) == tuple(t.shape) and t.ndim == 1:
-                raise FPEError(
-                    f"{key} {tuple(t.shape)}: a normalization layer (LayerNorm/BatchNorm) between the linear layers "
-                    f"{', '.join(linear[:4])}; fpe expands plain MLPs (linear layers and one activation)",
-                    "to use the linear layers alone, leaving the norm out of every output, name them: "
-                    f"--layers {','.join(linear)}",
-                )
             raise FPEError(
                 f"{key}: a {t.ndim}-D tensor {tuple(t.shape)} where a 2-D linear weight is expected "
                 f"(beside {', '.join(linear[:4])})",
