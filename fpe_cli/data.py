@@ -128,6 +128,9 @@ def validate_arrays(arrays: dict[str, np.ndarray], where: str, num_classes: int 
         problems.append(f"y_test: shape {y_te.shape} is not the same kind of label as y_train {y_tr.shape}")
     if not problems and y_tr.ndim == 2 and y_tr.shape[1] != y_te.shape[1]:
         problems.append(f"y_test: expected {y_tr.shape[1]} labels per row like y_train, found shape {y_te.shape}")
+    if not problems and num_classes is not None and y_tr.ndim == 2 and num_classes != y_tr.shape[1]:
+        problems.append(f"num_classes={num_classes} contradicts y_train {y_tr.shape}, a matrix of "
+                        f"{y_tr.shape[1]} 0/1 labels per row (leave num_classes out, or set it to {y_tr.shape[1]})")
     if not problems and num_classes is not None and y_tr.ndim == 1:
         for key, y in (("y_train", y_tr), ("y_test", y_te)):
             if y.size and y.max() >= num_classes:
@@ -137,6 +140,7 @@ def validate_arrays(arrays: dict[str, np.ndarray], where: str, num_classes: int 
 
 
 SAVE = "np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)"
+VALIDATION_SUFFIXES = ("_val", "_valid", "_validation", "_dev")
 X_NAMES = ("x", "X", "data", "features", "inputs", "input", "images", "x_all")
 Y_NAMES = ("y", "Y", "labels", "label", "target", "targets", "classes", "y_all")
 
@@ -155,6 +159,12 @@ def _missing_hint(arrays: dict[str, np.ndarray], missing: list[str]) -> str:
     renames = [f"{lower[k]} -> {k}" for k in missing if k in lower]
     if renames:
         return f"the names are lower-case: rename {', '.join(renames)}; {EXPECTED}"
+    if any(k.startswith("arr_") for k in arrays) and all(k.startswith("arr_") or k == "num_classes" for k in arrays):
+        return f"np.savez stored unnamed arrays as arr_0, arr_1, ...: pass them by name, {SAVE}"
+    renames = [f"{k} -> {target}" for target in missing if target.endswith("_test")
+               for k in (target.replace("_test", suffix) for suffix in VALIDATION_SUFFIXES) if k in arrays]
+    if renames:
+        return f"fpe evaluates on the test split: rename {', '.join(renames)}; {EXPECTED}"
     x = next((k for k in X_NAMES if k in arrays), None)
     y = next((k for k in Y_NAMES if k in arrays), None)
     if x and y:
@@ -196,19 +206,25 @@ def check_input_width(dataset: Dataset, d_in: int, key: str = "the model") -> No
             f"but {key} takes {d_in} inputs", "use the data set the model was trained on")
 
 
+ONE_OUTPUT_HINT = ("a model with one output is a binary (multi-label) classifier here: save y as an (N, 1) 0/1 matrix, "
+                   "y.reshape(-1, 1)")
+
+
 def check_output_width(dataset: Dataset, d_out: int, key: str = "the model") -> None:
     if dataset.multilabel and dataset.num_outputs != d_out:
-        raise FPEError(f"{dataset.name}: y_train has {dataset.num_outputs} labels per row but {key} has {d_out} outputs")
+        hint = ("y is an (N, 1) column, read as one 0/1 label per row; for class ids save y.ravel() (shape (N,))"
+                if dataset.num_outputs == 1 else None)
+        raise FPEError(f"{dataset.name}: y_train has {dataset.num_outputs} labels per row but {key} has {d_out} outputs",
+                       hint)
+    if not dataset.multilabel and d_out == 1:  # a softmax over one logit scores every sample as right
+        raise FPEError(f"{dataset.name}: y_train holds class ids (N,) but {key} has 1 outputs", ONE_OUTPUT_HINT)
     if not dataset.multilabel and dataset.num_classes > d_out:
         ys = [y for y in (dataset.y_train, dataset.y_test) if y.numel()]
         top, low = max(int(y.max()) for y in ys), min(int(y.min()) for y in ys)
         if top < d_out:  # the labels fit: the file's num_classes asks for more outputs than the model has
             raise FPEError(f"{dataset.name}: num_classes is {dataset.num_classes} but {key} has {d_out} outputs "
                            f"(the labels go up to {top})", f"set num_classes={d_out} in the .npz, or leave it out")
-        if d_out == 1:
-            hint = ("a model with one output is a binary (multi-label) classifier here: save y as an (N, 1) 0/1 "
-                    "matrix, y.reshape(-1, 1)")
-        elif low >= 1 and top == d_out:
+        if low >= 1 and top == d_out:
             hint = f"the labels start at {low}: class ids are 0..{d_out - 1}, save y - 1"
         else:
             hint = f"expected y_train (N,) with labels 0..{d_out - 1}"

@@ -183,7 +183,11 @@ def expand_file(opts: ExpandOptions, timings: dict[str, float] | None = None) ->
     if settings["seed"] is None:  # record the seed that produced the split: an applied plan's own
         settings["seed"] = plan.seed if plan is not None else 0
     calibration = None
-    if any(t.split == "activation" for t in targets) and plan is None:
+    calibrate = any(t.split == "activation" for t in targets) and plan is None
+    if opts.probe_data is not None and not calibrate and not opts.probe_samples:
+        raise FPEError(f"--data {opts.probe_data} would not be read: --probe-samples 0 skips the drift report and "
+                       "no layer uses --split activation", "leave --data out, or drop --probe-samples 0")
+    if calibrate:
         calibration = calibration_inputs(ckpt, opts.probe_data, opts.calibration_samples)
     inputs = PlanInputs(groups, settings["clusters"], settings["group_size"], calibration)
     with _phase(timings, "expand"):

@@ -33,7 +33,7 @@ class Probe:
 
     x: torch.Tensor  # (N, d) float32
     y: torch.Tensor  # (N,) int64 or (N, C) float 0/1
-    num_classes: int
+    num_classes: int  # label groups: the classes present in the probe rows (ids renumbered), or C for (N, C)
     info: dict
 
 
@@ -66,17 +66,26 @@ class _Ticker:
             self.bar.advance(n)
 
 
-def load_probe(data: str, d_in: int, samples: int | None) -> Probe:
-    """The test split of a data set (first `samples` rows) as the probe set."""
-    from .data import check_input_width, load_dataset  # data sets only when asked for
+def load_probe(data: str, mlp, samples: int | None) -> tuple[Probe, list[str]]:
+    """The test split of a data set (first `samples` rows) as the probe set, and notes on its labels.
+
+    The labels group the probe rows; they need not be the model's classes (any grouping works, e.g. clause
+    indicators). Class ids are renumbered to the classes present, so the class-conditional statistics are
+    sized by those (a stray id such as 999999 would otherwise ask for gigabytes); classes without samples
+    never enter the metrics anyway."""
+    from .data import check_input_width, label_notes, load_dataset  # data sets only when asked for
 
     ds = load_dataset(data)
-    check_input_width(ds, d_in)
+    check_input_width(ds, mlp.layers[0].in_features)
     n = ds.x_test.shape[0] if samples is None else min(samples, ds.x_test.shape[0])
     if n < 1:
         raise FPEError(f"{data}: the probe set is empty", "give a data set with test rows, or a positive --samples")
     info = {"source": str(data), "split": "test", "samples": n, "num_classes": ds.num_classes, "multilabel": ds.multilabel}
-    return Probe(ds.x_test[:n].float(), ds.y_test[:n], ds.num_classes, info)
+    y, groups = ds.y_test[:n], ds.num_classes
+    if not ds.multilabel:
+        present, y = torch.unique(y, return_inverse=True)  # (classes present,), (n,) ids 0..present-1
+        groups = int(present.numel())
+    return Probe(ds.x_test[:n].float(), y, groups, info), [f"note: {n}" for n in label_notes(ds)]
 
 
 def _top_neurons(la: A.LayerAnalysis, top: int) -> list[dict]:
@@ -129,7 +138,10 @@ def analyze_files(paths: list[Path], data: str | None = None, top: int = 10, lay
             notes.append(f"note: {paths[1]} was expanded from another file (sha256 {recorded[:12]}..., "
                          f"{paths[0]} is {ckpts[0].sha256[:12]}...): its children are compared with parents they "
                          "did not come from")
-    probe = load_probe(data, ckpts[0].mlp.layers[0].in_features, samples) if data is not None else None
+    probe = None
+    if data is not None:
+        probe, label_notes = load_probe(data, ckpts[0].mlp, samples)
+        notes += label_notes
     ticker = _Ticker(progress)
     batches = -(-probe.x.shape[0] // A.BATCH) if probe else 0
     ticker.start(sum(A.work_units(c.mlp, chunk) + batches for c in ckpts))

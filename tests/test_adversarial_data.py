@@ -116,7 +116,7 @@ def test_one_output_model_with_class_ids_gets_the_binary_format(tmp_path):
     x, y = _xy(classes=2)
     _npz(tmp_path / "d.npz", x, y)
     assert_one_error_line(run_cli(["evaluate", tmp_path / "b.safetensors", "--data", tmp_path / "d.npz"]),
-                          "labels go up to 1", "1 outputs", "(N, 1) 0/1 matrix")
+                          "holds class ids (N,)", "1 outputs", "(N, 1) 0/1 matrix")
     _npz(tmp_path / "d1.npz", x, y.reshape(-1, 1).astype(np.float32))  # the suggested format works
     doc = _ok(["evaluate", tmp_path / "b.safetensors", "--data", tmp_path / "d1.npz"])
     assert doc["data"]["multilabel"] and doc["models"][0]["test"]["samples"] == 10

@@ -160,7 +160,7 @@ def test_model_width_checks():
     with pytest.raises(FPEError, match=r"x_train has 6 features \(shape \(20, 6\)\) but fc1.weight takes 7 inputs"):
         check_input_width(ds, 7, "fc1.weight")
     check_output_width(ds, 2)
-    with pytest.raises(FPEError, match="labels go up to 1 but the model has 1 outputs"):
+    with pytest.raises(FPEError, match=r"y_train holds class ids \(N,\) but the model has 1 outputs"):
         check_output_width(ds, 1)
     multi = load_dataset("dnf:vars=6,clauses=2,k=2,train=20,test=10,outputs=clauses")
     with pytest.raises(FPEError, match="2 labels per row but the model has 3 outputs"):
