@@ -245,12 +245,16 @@ def load_npz(path: Path) -> Dataset:
     try:
         npz = np.load(path, allow_pickle=False)
         with npz:
-            arrays = {}
+            arrays, other = {}, []
             for key in npz.files:  # one by one, so that an object array is named
-                arrays[key] = npz[key]
-                if not isinstance(arrays[key], np.ndarray):  # np.load hands members that are no .npy over as bytes
-                    raise FPEError(f"{path}: a zip archive whose member {key!r} is not a numpy array (a torch.save "
-                                   "file?), expected an .npz archive", f"save the arrays with {SAVE}")
+                value = npz[key]
+                if isinstance(value, np.ndarray):
+                    arrays[key] = value
+                else:  # np.load hands members that are no .npy over as bytes
+                    other.append(key)
+            if other and (not arrays or any(k in KEYS for k in other)):  # extra files beside the arrays are ignored
+                raise FPEError(f"{path}: a zip archive whose member {other[0]!r} is not a numpy array (a torch.save "
+                               "file?), expected an .npz archive", f"save the arrays with {SAVE}")
     except ValueError as exc:
         if "pickle" in str(exc).lower():
             raise FPEError(f"{path}: {key}: holds an object (pickled) array, which is refused",

@@ -285,3 +285,23 @@ def test_num_classes_contradicting_a_label_matrix_is_refused(tmp_path, m3):
     ml = (x[:, :3] > 0).astype(np.float32)
     np.savez(tmp_path / "d.npz", x_train=x, y_train=ml, x_test=x[:10], y_test=ml[:10], num_classes=5)
     assert_one_error_line(run_cli(["evaluate", m3, "--data", tmp_path / "d.npz"]), "num_classes")
+
+
+def test_extra_files_beside_the_arrays_are_ignored_but_a_non_array_split_is_not(tmp_path, m3):
+    """A README or JSON added to the archive is ignored like extra arrays; a required split stored as something
+    other than a .npy member, or an archive with no array at all (a torch.save zip), is refused."""
+    import zipfile
+
+    x, y = _xy()
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+    plain = _ok(["evaluate", m3, "--data", tmp_path / "d.npz"])
+    with zipfile.ZipFile(tmp_path / "d.npz", "a") as z:
+        z.writestr("README.txt", "how these arrays were made")
+    assert _ok(["evaluate", m3, "--data", tmp_path / "d.npz"])["models"] == plain["models"]
+    np.savez(tmp_path / "e.npz", x_train=x, y_train=y, y_test=y[:10])
+    with zipfile.ZipFile(tmp_path / "e.npz", "a") as z:
+        z.writestr("x_test", "not an array")
+    assert_one_error_line(run_cli(["evaluate", m3, "--data", tmp_path / "e.npz"]), "'x_test' is not a numpy array")
+    with zipfile.ZipFile(tmp_path / "t.npz", "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02")
+    assert_one_error_line(run_cli(["evaluate", m3, "--data", tmp_path / "t.npz"]), "torch.save")
