@@ -204,7 +204,14 @@ def _attach_ties(layers: list[Layer], tied: dict[str, torch.Tensor]) -> None:
 
 def normalize_activation(text: str) -> str:
     """'ReLU', 'nn.GELU', 'torch.nn.SiLU()', 'LeakyReLU' -> fpe's names ('relu', 'gelu', 'silu', 'leaky_relu')."""
-    name = text.strip().strip('"').split(".")[-1].removesuffix("()")
+    name, _, args = text.strip().strip('"').partition("(")
+    settings = [a.strip() for a in args.strip().rstrip(")").split(",")
+                if a.strip() and not a.replace(" ", "").startswith("inplace=")]  # inplace changes no value
+    if settings:  # LeakyReLU(0.2): a setting fpe would silently replace by its default
+        raise FPEError(f"activation {text.strip()!r}: arguments are not supported",
+                       "fpe applies each activation with torch's defaults (leaky_relu: negative slope 0.01; gelu: "
+                       "exact erf form)")
+    name = name.strip().split(".")[-1]
     name = {"leakyrelu": "leaky_relu", "swish": "silu", "linear": "identity", "none": "identity"}.get(name.lower(), name)
     return name.lower()
 

@@ -85,6 +85,9 @@ def _refuse_flat_weights(tensors: dict[str, torch.Tensor], named: list[str]) -> 
             )
 
 
+LORA_NAME = re.compile(r"(^|\.)(lora_[AB]|lora_down|lora_up|lora_embedding_[AB])(\.|$)")
+
+
 def _refuse_hidden_weights(tensors: dict[str, torch.Tensor], named: list[str]) -> None:
     """Weights torch saves under other names (pruning and parametrization reparametrizations), and a
     bias whose weight is missing (a tied weight that `safetensors.torch.save_model` stored only once):
@@ -95,6 +98,12 @@ def _refuse_hidden_weights(tensors: dict[str, torch.Tensor], named: list[str]) -
                 f"{key} and {key[:-len('orig')]}mask: a torch.nn.utils.prune reparametrization, not a plain weight",
                 "call torch.nn.utils.prune.remove(module, 'weight') on each pruned layer before saving; "
                 "pruned weights are then exact zeros, which fpe counts as missing",
+            )
+        if LORA_NAME.search(key):
+            raise FPEError(
+                f"{key}: an unmerged LoRA adapter; the layer it adapts computes W + B @ A * scale, not its base weight",
+                "merge the adapters before saving (peft: model.merge_and_unload(); by hand: W += B @ A * "
+                "lora_alpha / r), or name the base layers with --layers to expand them without the adapters",
             )
         if ".parametrizations." in key:
             raise FPEError(

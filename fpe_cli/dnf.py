@@ -14,6 +14,8 @@ import torch
 from .data import Dataset, from_arrays, parse_spec, spec_string
 from .errors import FPEError
 
+MAX_VALUES = 1 << 29  # input values generated at most: 2 GiB of float32
+
 DNF_DEFAULTS = {"vars": 32, "clauses": 8, "k": 3, "outputs": "or", "encoding": "pm1", "sampling": "planted",
                 "positives": 0.5, "train": 4000, "test": 2000, "seed": 0}
 
@@ -93,6 +95,10 @@ def _check_dnf(cfg: dict) -> None:
     problems += [f"{key} must be one of {'/'.join(ok)}, got {cfg[key]!r}" for key, ok in choices.items() if cfg[key] not in ok]
     if not 0 < cfg["positives"] < 1:
         problems.append(f"positives must be a fraction in (0, 1), got {cfg['positives']}")
+    values = (cfg["train"] + cfg["test"]) * cfg["vars"]
+    if not problems and max(values, cfg["clauses"] * cfg["k"]) > MAX_VALUES:  # refused before any allocation
+        problems.append(f"(train + test) x vars = {values:,} input values (and clauses x k = {cfg['clauses'] * cfg['k']:,}) "
+                        f"is more than fpe generates: at most {MAX_VALUES:,} (2 GiB of float32)")
     if problems:
         raise FPEError("dnf: " + "; ".join(problems), "e.g. dnf:vars=32,clauses=8,k=3,outputs=or,seed=0")
 

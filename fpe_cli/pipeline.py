@@ -19,9 +19,9 @@ from .checkpoint import (Checkpoint, check_finite, load_checkpoint, load_plan, m
 from .errors import JSON_ERRORS, FPEError, VerificationError
 from .expand import OUTGOING, ExpandResult, PlanInputs, expand_mlp, function_drift
 from .plan import STRATEGIES
-from .recipe import load_clause_map, load_recipe, parse_selection, select_targets
+from .recipe import check_expand_top, load_clause_map, load_recipe, parse_selection, select_targets
 from .stfile import check_writable, read_header, sha256_file
-from .verify import check_invariants, check_off_mask_zero, check_ties, model_counts
+from .verify import check_invariants, check_off_mask_zero, check_ties, compares_values, model_counts
 
 PRUNE_RULE = "global-magnitude; ties: earlier layer, then row-major"
 
@@ -111,10 +111,7 @@ def check_settings(settings: dict, opts: ExpandOptions) -> None:
             raise FPEError(f"{key} must be a name, got {settings[key]!r}")
         if settings[key] not in names:  # before any file is read or an output checked
             raise FPEError(f"unknown {key} {settings[key]!r}", f"choose one of: {', '.join(names)}")
-    top = settings["expand_top"]
-    if top is not None and (isinstance(top, bool) or not isinstance(top, (int, float)) or top <= 0
-                            or (top >= 1 and top != int(top))):
-        raise FPEError(f"expand-top must be a neuron count (1, 2, ...) or a fraction in (0, 1), got {top!r}")
+    check_expand_top(settings["expand_top"], "--expand-top" if opts.expand_top is not None else "expand_top")
     if settings["group_size"] is not None and settings["split"] != "random":
         raise FPEError(f"--group-size applies to --split random, not {settings['split']}")
     if opts.clause_map is not None and settings["split"] != "clause" and opts.recipe is None:
@@ -176,7 +173,8 @@ def expand_file(opts: ExpandOptions, timings: dict[str, float] | None = None) ->
     inputs = input_files(opts)
     check_writable(output, force=opts.force, inputs=inputs)
     if opts.save_plan:
-        check_writable(opts.save_plan, force=opts.force, inputs=inputs + (output,))
+        check_writable(opts.save_plan, force=opts.force, inputs=inputs, outputs={"the output (-o)": output},
+                       flag="--save-plan")
     groups = load_clause_map(opts.clause_map, ckpt.mlp.layers[0].in_features) if opts.clause_map else None
     if any(t.split == "clause" for t in targets) and groups is None and opts.plan is None:
         raise FPEError("--split clause needs a clause map", "pass --clause-map clauses.json")
@@ -269,6 +267,7 @@ def expand_report(ckpt: Checkpoint, result: ExpandResult, settings: dict, output
         layers.append({
             "weight": src.weight_key, "shape_before": list(src.weight.shape), "shape_after": list(new.weight.shape),
             "weights_before": result.before[k], "weights_after": result.after[k], "pruned": result.pruned[k],
+            "weights_widened": result.after[k] + result.pruned[k],  # after splitting rows and copying columns
             "split": p.split if p else None, "alpha": p.alpha if p else None,
             "rows_without_edges": result.dead_children[k],
         })
@@ -310,7 +309,8 @@ def verify_file(model: Path, source: Path | None = None, layers=None, activation
         checks.append("weights equal the recorded budget")
     if src:
         checks += ["source sha256 matches"] if ckpt.metadata.get("fpe.source_sha256") else []
-        checks += ["children's edges are their parent's", "weights equal the source's"]
+        checks += ["children's edges are their parent's"]
+        checks += ["weights equal the source's"] if compares_values(ckpt.mlp) else []
     return {"model": str(model), "source": str(source) if source else None, "ok": True, "checks": checks,
             "expanded": ckpt.mlp.is_expanded, "has_masks": ckpt.mlp.has_masks}
 

@@ -17,6 +17,7 @@ Command-line flags, when given, override the recipe's defaults; per-target entri
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,14 +126,19 @@ def select_targets(mlp: MLP, selection: Selection, alpha: int | None, split: str
         layer_alpha = entry.get("alpha", alpha)
         if layer_alpha is None:
             raise FPEError("--alpha is required (or set alpha in the recipe)")
-        top = entry.get("expand_top", expand_top)
-        if top is not None and (isinstance(top, bool) or not isinstance(top, (int, float)) or top <= 0
-                                or (top >= 1 and top != int(top))):  # 1.5 neurons: neither a count nor a fraction
-            raise FPEError(f"expand_top must be a neuron count (1, 2, ...) or a fraction in (0, 1), got {top!r}")
+        top = check_expand_top(entry.get("expand_top", expand_top), "expand_top")
         chosen.append(Target(i, _as_alpha(layer_alpha), str(entry.get("split", split)), top))
     if not chosen:
         raise FPEError("no hidden layer left to expand after --targets/--ignore", f"hidden layers: {hidden_names}")
     return chosen
+
+
+def check_expand_top(top, name: str = "--expand-top"):
+    """A neuron count (1, 2, ...) or a fraction in (0, 1); None passes. NaN, Inf and 1.5 neurons do not."""
+    if top is not None and (isinstance(top, bool) or not isinstance(top, (int, float)) or not math.isfinite(top)
+                            or top <= 0 or (top >= 1 and top != int(top))):
+        raise FPEError(f"{name} must be a neuron count (1, 2, ...) or a fraction in (0, 1), got {top!r}")
+    return top
 
 
 def _as_alpha(value) -> int:

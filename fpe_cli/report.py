@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import re
+
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
+
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # terminal control characters (ANSI escapes), not \t \n
+
+
+def markup_safe(value):
+    """A report document with every string escaped for rich markup: file names, tensor names and metadata
+    come from users (`run[lr=0.1].safetensors` would print as `run.safetensors`, and `[/]` would raise);
+    control characters are shown escaped (`\\x1b`) so that metadata cannot drive the terminal."""
+    if isinstance(value, str):
+        return escape(CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), value))
+    if isinstance(value, dict):
+        return {k: markup_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [markup_safe(v) for v in value]
+    return value
 
 
 def print_table(console: Console, table: Table) -> None:
@@ -40,13 +59,14 @@ def _shape(s) -> str:
 
 
 def render_expand(doc: dict, console: Console) -> None:
+    doc = markup_safe(doc)
     table = Table(title=f"fpe expand: {doc['input']} -> {doc['output']}", title_justify="left")
-    for col in ("layer", "shape", "split", "alpha", "weights before", "weights after", "pruned"):
+    for col in ("layer", "shape", "split", "alpha", "weights before", "widened", "pruned", "weights after"):
         table.add_column(col, justify="right" if col not in ("layer", "split") else "left")
-    for row in doc["layers"]:
+    for row in doc["layers"]:  # widened: after splitting rows and copying columns, before the budget pruning
         table.add_row(row["weight"], f"{_shape(row['shape_before'])} -> {_shape(row['shape_after'])}",
                       row["split"] or "-", _fmt_int(row["alpha"]), _fmt_int(row["weights_before"]),
-                      _fmt_int(row["weights_after"]), _fmt_int(row["pruned"]))
+                      _fmt_int(row["weights_widened"]), _fmt_int(row["pruned"]), _fmt_int(row["weights_after"]))
     print_table(console, table)
     holds = "[green]holds[/]" if doc["budget_holds"] else "[red]VIOLATED[/]"
     console.print(f"hidden widths {doc['hidden_widths_before']} -> {doc['hidden_widths_after']}; "
@@ -72,6 +92,7 @@ def render_expand(doc: dict, console: Console) -> None:
 
 
 def render_params(doc: dict, console: Console) -> None:
+    doc = markup_safe(doc)
     table = Table(title=f"fpe params: {doc['model']} ({doc['layout']} layout)", title_justify="left")
     for col in ("layer", "shape", "dtype", "stored", "weights", "non-zero", "biases", "sparsity", "bytes"):
         table.add_column(col, justify="left" if col in ("layer", "dtype") else "right")
@@ -93,6 +114,7 @@ def render_params(doc: dict, console: Console) -> None:
 
 
 def render_inspect(doc: dict, console: Console) -> None:
+    doc = markup_safe(doc)
     console.print(f"[bold]{doc['model']}[/]: {doc['layout']} layout, {doc['file_bytes']:,} bytes, sha256 {doc['sha256'][:16]}...")
     console.print(f"widths {' -> '.join(map(str, doc['widths']))}, activation {doc['activation']} ({doc['activation_source']})"
                   + (", expanded" if doc["expanded"] else ""))
@@ -116,6 +138,7 @@ def render_inspect(doc: dict, console: Console) -> None:
 
 
 def render_verify(doc: dict, console: Console) -> None:
+    doc = markup_safe(doc)
     if not doc["has_masks"]:
         console.print(f"{doc['model']}: no masks, nothing FPE-specific to verify (weights are finite)")
         return
@@ -123,5 +146,6 @@ def render_verify(doc: dict, console: Console) -> None:
 
 
 def render_convert(doc: dict, console: Console) -> None:
+    doc = markup_safe(doc)
     console.print(f"wrote {doc['output']} ({doc['from_layout']} -> {doc['to_layout']}, "
                   f"{doc['input_bytes']:,} -> {doc['output_bytes']:,} bytes)")

@@ -19,7 +19,7 @@ from rich.table import Table
 from . import analysis as A
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import FPEError
-from .report import print_table
+from .report import markup_safe, print_table
 from .stfile import atomic_output, check_writable
 from .verify import non_finite_tensors
 
@@ -117,6 +117,8 @@ def analyze_files(paths: list[Path], data: str | None = None, top: int = 10, lay
     """The whole `fpe analyze`: one model, or a dense model and its expansion (fold changes via lineage)."""
     if top < 0:
         raise FPEError(f"--top must be >= 0, got {top}")
+    if samples is not None and (isinstance(samples, bool) or samples < 1):
+        raise FPEError(f"--samples must be a positive count of probe rows, got {samples}")
     if samples is not None and data is None:
         raise FPEError("--samples limits the --data probe set, and no --data was given",
                        "pass --data, e.g. --data digits")
@@ -272,6 +274,7 @@ def _parents_table(cmp: dict) -> Table:
 
 
 def render_analyze(doc: dict, console: Console) -> None:
+    doc = markup_safe(doc)
     for model in doc["models"]:
         print_table(console, _summary_table(model))
     if doc["data"]:

@@ -315,9 +315,18 @@ def _output_mode(path: Path) -> int:
     return 0o666 & ~umask
 
 
-def check_writable(path: Path, *, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse outputs that would destroy something: an input, a directory, a symlink, an existing file."""
+def check_writable(path: Path, *, force: bool = False, inputs: tuple[Path, ...] = (),
+                   outputs: dict[str, Path] | None = None, flag: str = "the output") -> None:
+    """Refuse outputs that would destroy something: an input, another output of the same command
+    (`outputs`: flag -> path; `flag` names this one), a directory, a symlink, an existing file; and `-`,
+    which names standard output in shell tools."""
     path = Path(path)
+    if str(path) == "-":
+        raise FPEError("-: fpe writes its outputs to files, not to standard output",
+                       "name a file, e.g. -o out.safetensors (--json prints the report on stdout)")
+    for other_flag, other in (outputs or {}).items():
+        if path.resolve() == Path(other).resolve():
+            raise FPEError(f"{path}: {flag} and {other_flag} name the same file", "give each output its own path")
     if path.is_dir():
         raise FPEError(f"{path}: output path is a directory", "name a file, e.g. -o out.safetensors")
     if not path.parent.exists():

@@ -49,8 +49,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.optimizer, str):  # SGD, Adam: names are case-insensitive, as activations are
+            self.optimizer = self.optimizer.lower()
+
     def validate(self) -> None:
         problems = []
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            problems.append(f"seed must be an integer >= 0 (as for fpe expand), got {self.seed!r}")
         if self.epochs < 0:
             problems.append(f"epochs must be >= 0, got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

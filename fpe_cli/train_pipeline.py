@@ -127,7 +127,7 @@ def data_file(spec: str, output: Path, clause_map: Path | None, force: bool) -> 
         raise FPEError(f"{dataset.name}: has no clause map (only dnf data sets do)", "drop --clause-map")
     check_writable(output, force=force, inputs=data_inputs(spec))  # never over the .npz it reads, even with --force
     if clause_map is not None:
-        check_writable(clause_map, force=force, inputs=(*data_inputs(spec), output))
+        check_writable(clause_map, force=force, inputs=data_inputs(spec), outputs={"-o": output}, flag="--clause-map")
     doc = {"data": dataset.summary(), "output": str(output), "bytes": write_dataset_npz(dataset, output, force)}
     if clause_map is not None:
         doc.update(clause_map=str(clause_map), clause_map_bytes=write_clause_map(groups, clause_map, dataset.num_inputs, force))

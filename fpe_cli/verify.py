@@ -163,13 +163,18 @@ def _differ(have: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     return (have - want).abs() > eps * torch.maximum(have.abs(), want.abs())
 
 
+def compares_values(mlp: MLP) -> bool:
+    """Whether check_values_against_source compares values: an expanded file that records no fine-tuning."""
+    return mlp.is_expanded and _expansion_settings(mlp.metadata) is not None
+
+
 def check_values_against_source(mlp: MLP, source: MLP) -> list[str]:
     """An expanded file that was not fine-tuned holds its parents' weights: child row r of parent i and
     input column c copied from source input j hold W[i, j] (outgoing copy/tie) or W[i, j] / children(j)
     (split), and child biases copy the parent's. Anything else was edited, or expanded from another source."""
-    settings = _expansion_settings(mlp.metadata)
-    if settings is None or not mlp.is_expanded or len(mlp.layers) != len(source.layers):
+    if not compares_values(mlp) or len(mlp.layers) != len(source.layers):
         return []
+    settings = _expansion_settings(mlp.metadata)
     out = []
     for k, (layer, src) in enumerate(zip(mlp.layers, source.layers)):
         rows = layer.parents if layer.parents is not None else torch.arange(layer.out_features)

@@ -513,6 +513,7 @@ def check_expand_report(e: Expanded, layout: str) -> None:
         assert row["weights_before"] == int(Ls.support.sum()), (row, int(Ls.support.sum()))
         assert row["weights_after"] == after[k], (row, after[k])
         assert row["pruned"] == pre[k] - after[k], (row, pre[k], after[k])
+        assert row["weights_widened"] == pre[k], (row, pre[k])
         assert row["rows_without_edges"] == int((~Lo.support.any(axis=1)).sum()), row
         alpha = e.alphas[k] if k < len(e.alphas) else None
         assert row["alpha"] == alpha, (row, alpha)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from .common import (ActivationOpt, ForceOpt, JsonOpt, LayersOpt, ModelArg, QuietOpt, app, emit_json, err_console,
                      handle_errors, note, out_console, parse_layers)
@@ -45,9 +46,9 @@ def analyze(
     with report.progress_bar(err_console, sys.stderr.isatty() and not (quiet or json_out)) as bar:
         result = report.analyze_files(paths, data, top, parse_layers(layers), activation, samples, progress=bar)
     for message in result.notes:  # warnings: on stderr even with --json (stdout keeps the one document)
-        note(message, quiet)
+        note(escape(message), quiet)
     rows = report.write_csv(result, csv, force) if csv is not None else 0
     pngs = plotting.write_plots(result, plots, force) if plots is not None else []
     emit_json(result.doc) if json_out else report.render_analyze(result.doc, out_console)
-    note(f"wrote {rows} neuron rows to {csv}", quiet or json_out or csv is None)
-    note(f"wrote {', '.join(map(str, pngs))}", quiet or json_out or not pngs)
+    note(escape(f"wrote {rows} neuron rows to {csv}"), quiet or json_out or csv is None)
+    note(escape(f"wrote {', '.join(map(str, pngs))}"), quiet or json_out or not pngs)

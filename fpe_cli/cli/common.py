@@ -54,7 +54,8 @@ ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an exis
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")]
 ActivationOpt = Annotated[
     str | None,
-    typer.Option("--activation", help="Activation between layers when the file does not record one (default relu)."),
+    typer.Option("--activation", help="Activation between layers: relu, gelu, silu, tanh, ...; overrides the one the file "
+                 "records (default: the recorded one, else relu)."),
 ]
 LayersOpt = Annotated[
     str | None,
@@ -133,6 +134,14 @@ def _drop_stdout() -> None:
         pass
 
 
+# what torch's allocators raise (RuntimeError, not MemoryError) when an allocation fails
+ALLOCATION_FAILURES = ("can't allocate memory", "not enough memory", "out of memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in ALLOCATION_FAILURES)
+
+
 def handle_errors(func: Callable) -> Callable:
     """Map the tool's errors to one `Error:` line on stderr and the documented exit code."""
 
@@ -158,6 +167,9 @@ def handle_errors(func: Callable) -> Callable:
                 traceback.print_exc()
             raise typer.Exit(code) from None
         except Exception as exc:  # noqa: BLE001 - last resort: still one line, traceback on demand
+            if is_out_of_memory(exc):
+                print("Error: out of memory (try a smaller model or batch size)", file=sys.stderr)
+                raise typer.Exit(EXIT_RUNTIME) from None
             print(f"Error: internal error: {type(exc).__name__}: {exc} (rerun with FPE_DEBUG=1 for a traceback)",
                   file=sys.stderr)
             if os.environ.get("FPE_DEBUG") == "1":

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from .. import report
 from ..errors import FPEError
@@ -88,7 +89,7 @@ def expand(
                          save_plan, clause_map, clusters, group_size, layout, output, force, parse_layers(layers), activation, data)
     opts.expand_top = expand_top
     opts.probe_samples = probe_samples
-    with working(f"expanding {model} ...", quiet or json_out):
+    with working(escape(f"expanding {model} ..."), quiet or json_out):
         doc = _pipeline().expand_file(opts)
     emit_json(doc) if json_out else None if quiet else report.render_expand(doc, err_console)
 

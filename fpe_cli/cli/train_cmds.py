@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..report import print_table
+from ..report import markup_safe, print_table
 from .common import (ActivationOpt, ForceOpt, JsonOpt, LayersOpt, ModelArg, QuietOpt, app, emit_json, err_console,
                      handle_errors, note, out_console, parse_layers)
 
@@ -20,7 +20,7 @@ OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Outpu
 EpochsOpt = Annotated[int, typer.Option(help="Passes over the training data.")]
 LrOpt = Annotated[float, typer.Option("--lr", help="Learning rate.")]
 BatchOpt = Annotated[int, typer.Option(help="Global batch size (split over ranks under torchrun).")]
-OptimOpt = Annotated[str, typer.Option(help="adam, adamw or sgd.")]
+OptimOpt = Annotated[str, typer.Option(help="adam, adamw or sgd (any case).")]
 MomentumOpt = Annotated[float, typer.Option(help="SGD momentum.")]
 DecayOpt = Annotated[float, typer.Option(help="Weight decay (L2 for adam/sgd, decoupled for adamw).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for initialisation and shuffling.")]
@@ -68,7 +68,7 @@ def progress(label: str, quiet: bool) -> Iterator:
 def _say(doc: dict, json_out: bool, quiet: bool, text: str) -> None:
     if not is_main_process():
         return
-    emit_json(doc) if json_out else note(text, quiet)
+    emit_json(doc) if json_out else note(escape(text), quiet)
     _notes(doc, json_out or quiet)
 
 
@@ -164,6 +164,7 @@ def evaluate(
 
 
 def evaluation_table(doc: dict) -> Table:
+    doc = markup_safe(doc)
     multilabel = doc["data"]["multilabel"]
     table = Table(title=f"{doc['data']['name']} (test: {doc['data']['test']} samples)")
     for col in ("model", "layout", "widths", "weights", "non-zero", "biases", "test loss", "test acc", "train acc"):
