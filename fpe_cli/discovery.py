@@ -235,6 +235,9 @@ def order_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:
             return by_family[0]
     if found is not None and len(found) == 1:
         return found[0]
+    by_role = _order_by_role(keys, tensors) if found else None
+    if by_role is not None:
+        return by_role
     if found == [] and transposed:
         raise _transposed(keys, tensors)
     if found == []:
@@ -248,6 +251,30 @@ def order_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:
         f"cannot tell the layer order from names and shapes{several}: {_describe({k: tensors[k] for k in keys})}",
         "name the weights in order, e.g. --layers fc1.weight,fc2.weight",
     )
+
+
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+ROLE_RANKS = {"input": 0, "in": 0, "inp": 0, "stem": 0, "hidden": 1, "middle": 1, "mid": 1,
+              "output": 99, "out": 99, "head": 99, "classifier": 99, "final": 99, "last": 99, "logits": 99,
+              **{word: i for i, word in enumerate(ORDINALS)}}
+
+
+def _role_rank(key: str) -> int | None:
+    """Where a layer's name puts it: `input_layer`, `fc_in`, `first` early; `hidden` in the middle; `output`,
+    `head`, `classifier`, `last` at the end. None when no word of the name (nor its module path) says."""
+    words = [w for w in re.split(r"[^a-z]+", key.lower().removesuffix("weight")) if w]
+    ranks = {ROLE_RANKS[w] for w in words if w in ROLE_RANKS}
+    return ranks.pop() if len(ranks) == 1 else None
+
+
+def _order_by_role(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[str] | None:
+    """When several orders fit the shapes: the one the names spell out (input -> hidden -> output, first ->
+    second -> third), if every name has a role word, no two share one, and that order chains."""
+    ranks = [_role_rank(k) for k in keys]
+    if None in ranks or len(set(ranks)) != len(ranks):
+        return None
+    order = [k for _, k in sorted(zip(ranks, keys))]
+    return order if _chains(order, tensors) else None
 
 
 def _looks_transposed(keys: list[str], tensors: dict[str, torch.Tensor]) -> bool:

@@ -68,11 +68,16 @@ def test_numbered_family_keeps_its_order_among_word_names(tmp_path):
         assert _chain(src) == ["input_layer.weight", *[f"hidden.{i}.weight" for i in range(n)], "output_layer.weight"]
 
 
-def test_equal_square_word_layers_stay_ambiguous_and_show_the_orders(tmp_path):
-    sd = {"a_in.weight": torch.randn(4, 4), "b_mid.weight": torch.randn(4, 4), "c_out.weight": torch.randn(4, 4)}
+def test_equal_square_word_layers_follow_their_role_words_or_stay_ambiguous(tmp_path):
+    """Several orders fit square shapes: names that say in -> mid -> out (whatever their alphabetical order)
+    give the order; names without role words, or two layers with the same role, stay an error."""
+    sd = {"c_in.weight": torch.randn(4, 4), "a_mid.weight": torch.randn(4, 4), "b_out.weight": torch.randn(4, 4)}
     save_file(sd, str(tmp_path / "m.safetensors"))
-    assert_one_error_line(run_cli(["inspect", tmp_path / "m.safetensors"]), "cannot tell the layer order",
-                          "several orders fit", "--layers")
+    assert _chain(tmp_path / "m.safetensors") == ["c_in.weight", "a_mid.weight", "b_out.weight"]
+    for names in (("alpha_proj", "beta_proj", "gamma_proj"), ("x_in", "y_in", "z_out")):
+        save_file({f"{n}.weight": torch.randn(4, 4) for n in names}, str(tmp_path / "a.safetensors"))
+        assert_one_error_line(run_cli(["inspect", tmp_path / "a.safetensors"]), "cannot tell the layer order",
+                              "several orders fit", "--layers")
 
 
 def test_keras_kernels_are_still_named_as_in_out(tmp_path):

@@ -14,12 +14,20 @@ class Words(torch.nn.Module):
                                                                   torch.nn.Linear(h, d))
 
 
-def test_word_names_with_equal_shapes_are_ambiguous_not_alphabetical(tmp_path):
+def test_word_names_with_equal_shapes_follow_their_roles_not_the_alphabet(tmp_path):
+    """input_layer / hidden_layer / output_layer (8 -> 8 -> 8 -> 8): the alphabet says hidden, input, output;
+    the words say input, hidden, output. First, second, third likewise."""
+    import json
+
     save_file(Words().state_dict(), str(tmp_path / "m.safetensors"))
-    assert_one_error_line(run_cli(["inspect", tmp_path / "m.safetensors"]), "cannot tell the layer order", "orders fit")
-    res = run_cli(["inspect", tmp_path / "m.safetensors", "--json", "--layers",
-                   "input_layer,hidden_layer,output_layer"])
-    assert res.exit_code == 0 and '"input_layer.weight"' in res.stdout
+    res = run_cli(["inspect", tmp_path / "m.safetensors", "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert [c["weight"] for c in json.loads(res.stdout)["chain"]] == ["input_layer.weight", "hidden_layer.weight",
+                                                                      "output_layer.weight"]
+    ordinal = {f"{w}.weight": torch.randn(6, 6) for w in ("third", "first", "second")}
+    save_file(ordinal, str(tmp_path / "o.safetensors"))
+    res = run_cli(["inspect", tmp_path / "o.safetensors", "--json"])
+    assert [c["weight"] for c in json.loads(res.stdout)["chain"]] == ["first.weight", "second.weight", "third.weight"]
 
 
 def test_word_names_with_distinct_shapes_find_the_unique_chain(tmp_path):
