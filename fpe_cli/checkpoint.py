@@ -202,15 +202,19 @@ def _attach_ties(layers: list[Layer], tied: dict[str, torch.Tensor]) -> None:
         layers[i].tied = parents
 
 
+# torch's own reprs of activations at their defaults (repr(nn.GELU()) is "GELU(approximate='none')")
+DEFAULT_ARGUMENTS = {"approximate='none'", "negative_slope=0.01", "0.01"}
+
+
 def normalize_activation(text: str) -> str:
     """'ReLU', 'nn.GELU', 'torch.nn.SiLU()', 'LeakyReLU' -> fpe's names ('relu', 'gelu', 'silu', 'leaky_relu')."""
     name, _, args = text.strip().strip('"').partition("(")
-    settings = [a.strip() for a in args.strip().rstrip(")").split(",")
-                if a.strip() and not a.replace(" ", "").startswith("inplace=")]  # inplace changes no value
+    settings = [a.replace(" ", "").replace('"', "'") for a in args.strip().rstrip(")").split(",") if a.strip()]
+    settings = [a for a in settings if a not in DEFAULT_ARGUMENTS and not a.startswith("inplace=")]  # no value changes
     if settings:  # LeakyReLU(0.2): a setting fpe would silently replace by its default
-        raise FPEError(f"activation {text.strip()!r}: arguments are not supported",
-                       "fpe applies each activation with torch's defaults (leaky_relu: negative slope 0.01; gelu: "
-                       "exact erf form)")
+        raise FPEError(f"activation {text.strip()!r}: {', '.join(settings)} is not supported",
+                       "fpe applies each activation with torch's defaults (leaky_relu: negative_slope=0.01; gelu: "
+                       "approximate='none'); --activation NAME overrides one recorded in the file")
     name = name.strip().split(".")[-1]
     name = {"leakyrelu": "leaky_relu", "swish": "silu", "linear": "identity", "none": "identity"}.get(name.lower(), name)
     return name.lower()

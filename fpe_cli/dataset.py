@@ -120,7 +120,8 @@ def validate_arrays(arrays: dict[str, np.ndarray], where: str, num_classes: int 
         problems.append(f"y_test: shape {y_te.shape} is not the same kind of label as y_train {y_tr.shape}")
     if not problems and y_tr.ndim == 2 and y_tr.shape[1] != y_te.shape[1]:
         problems.append(f"y_test: expected {y_tr.shape[1]} labels per row like y_train, found shape {y_te.shape}")
-    if not problems and num_classes is not None and y_tr.ndim == 2 and num_classes != y_tr.shape[1]:
+    binary = y_tr.ndim == 2 and y_tr.shape[1] == 1 and num_classes == 2  # one 0/1 column: two classes
+    if not problems and num_classes is not None and y_tr.ndim == 2 and num_classes != y_tr.shape[1] and not binary:
         problems.append(f"num_classes={num_classes} contradicts y_train {y_tr.shape}, a matrix of "
                         f"{y_tr.shape[1]} 0/1 labels per row (leave num_classes out, or set it to {y_tr.shape[1]})")
     if not problems and num_classes is not None and y_tr.ndim == 1:

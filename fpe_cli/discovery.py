@@ -88,6 +88,16 @@ def _refuse_flat_weights(tensors: dict[str, torch.Tensor], named: list[str]) -> 
 LORA_NAME = re.compile(r"(^|\.)(lora_[AB]|lora_down|lora_up|lora_embedding_[AB])(\.|$)")
 
 
+def _lora_adapter(key: str, tensors: dict[str, torch.Tensor]) -> bool:
+    """`fc1.lora_A.weight` (or PEFT's `fc1.lora_A.default.weight`) beside the base weight it adapts
+    (`fc1.weight` or `fc1.base_layer.weight`); a layer that is merely named `lora_A` is a layer."""
+    m = LORA_NAME.search(key)
+    if m is None:
+        return False
+    prefix = key[: m.start()]
+    return any(f"{prefix}.{base}" in tensors for base in ("weight", "base_layer.weight")) if prefix else False
+
+
 def _refuse_hidden_weights(tensors: dict[str, torch.Tensor], named: list[str]) -> None:
     """Weights torch saves under other names (pruning and parametrization reparametrizations), and a
     bias whose weight is missing (a tied weight that `safetensors.torch.save_model` stored only once):
@@ -99,7 +109,7 @@ def _refuse_hidden_weights(tensors: dict[str, torch.Tensor], named: list[str]) -
                 "call torch.nn.utils.prune.remove(module, 'weight') on each pruned layer before saving; "
                 "pruned weights are then exact zeros, which fpe counts as missing",
             )
-        if LORA_NAME.search(key):
+        if _lora_adapter(key, tensors):
             raise FPEError(
                 f"{key}: an unmerged LoRA adapter; the layer it adapts computes W + B @ A * scale, not its base weight",
                 "merge the adapters before saving (peft: model.merge_and_unload(); by hand: W += B @ A * "

@@ -14,7 +14,8 @@ import torch
 from .data import Dataset, from_arrays, parse_spec, spec_string
 from .errors import FPEError
 
-MAX_VALUES = 1 << 29  # input values generated at most: 2 GiB of float32
+MAX_VALUES = 1 << 28  # input values (float32) and literal tests (int64) generated at most: 1 and 2 GiB
+MAX_CLAUSES = 1024  # planted sampling repairs clause by clause: time grows with clauses squared
 
 DNF_DEFAULTS = {"vars": 32, "clauses": 8, "k": 3, "outputs": "or", "encoding": "pm1", "sampling": "planted",
                 "positives": 0.5, "train": 4000, "test": 2000, "seed": 0}
@@ -96,9 +97,12 @@ def _check_dnf(cfg: dict) -> None:
     if not 0 < cfg["positives"] < 1:
         problems.append(f"positives must be a fraction in (0, 1), got {cfg['positives']}")
     values = (cfg["train"] + cfg["test"]) * cfg["vars"]
-    if not problems and max(values, cfg["clauses"] * cfg["k"]) > MAX_VALUES:  # refused before any allocation
-        problems.append(f"(train + test) x vars = {values:,} input values (and clauses x k = {cfg['clauses'] * cfg['k']:,}) "
-                        f"is more than fpe generates: at most {MAX_VALUES:,} (2 GiB of float32)")
+    literals = max(cfg["train"], cfg["test"]) * cfg["clauses"] * cfg["k"]  # DNF.satisfied's (n, clauses, k) block
+    if not problems and (values > MAX_VALUES or literals > MAX_VALUES):  # refused before any allocation
+        problems.append(f"(train + test) x vars = {values:,} input values and samples x clauses x k = {literals:,} "
+                        f"literal tests: fpe generates at most {MAX_VALUES:,} of each")
+    if not problems and cfg["clauses"] > MAX_CLAUSES:
+        problems.append(f"clauses={cfg['clauses']:,}: fpe generates at most {MAX_CLAUSES:,}")
     if problems:
         raise FPEError("dnf: " + "; ".join(problems), "e.g. dnf:vars=32,clauses=8,k=3,outputs=or,seed=0")
 

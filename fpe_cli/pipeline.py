@@ -173,7 +173,7 @@ def expand_file(opts: ExpandOptions, timings: dict[str, float] | None = None) ->
     inputs = input_files(opts)
     check_writable(output, force=opts.force, inputs=inputs)
     if opts.save_plan:
-        check_writable(opts.save_plan, force=opts.force, inputs=inputs, outputs={"the output (-o)": output},
+        check_writable(opts.save_plan, force=opts.force, inputs=inputs, outputs={"the output": output},
                        flag="--save-plan")
     groups = load_clause_map(opts.clause_map, ckpt.mlp.layers[0].in_features) if opts.clause_map else None
     if any(t.split == "clause" for t in targets) and groups is None and opts.plan is None:

@@ -296,9 +296,9 @@ def _plan_all(weight: torch.Tensor, support: torch.Tensor, alpha: int, split: st
             )
         child = plan_groups(support, alpha, groups, generator)
     elif split in ("gram", "activation") and clusters is not None and clusters < alpha:
-        raise FPEError(f"{key}: --clusters {clusters} is fewer than alpha {alpha}: the {split} split deals whole "
-                       f"clusters to the {alpha} children, so it needs at least {alpha}",
-                       f"pass --clusters {alpha} or more, or leave it out (default {4 * alpha if split == 'gram' else 2 * alpha})")
+        raise FPEError(f"{key}: clusters={clusters} (--clusters or the recipe) is fewer than alpha {alpha}: the {split} "
+                       f"split deals whole clusters to the {alpha} children, so it needs at least {alpha}",
+                       f"set clusters to {alpha} or more, or leave it out (default {4 * alpha if split == 'gram' else 2 * alpha})")
     elif split == "gram":
         ids = gram_clusters(weight * support, clusters or 4 * alpha, generator)
         child = plan_groups(support, alpha, ids, generator)

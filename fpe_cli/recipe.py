@@ -135,7 +135,8 @@ def select_targets(mlp: MLP, selection: Selection, alpha: int | None, split: str
 
 def check_expand_top(top, name: str = "--expand-top"):
     """A neuron count (1, 2, ...) or a fraction in (0, 1); None passes. NaN, Inf and 1.5 neurons do not."""
-    if top is not None and (isinstance(top, bool) or not isinstance(top, (int, float)) or not math.isfinite(top)
+    if top is not None and (isinstance(top, bool) or not isinstance(top, (int, float))
+                            or (isinstance(top, float) and not math.isfinite(top))  # a huge int is finite
                             or top <= 0 or (top >= 1 and top != int(top))):
         raise FPEError(f"{name} must be a neuron count (1, 2, ...) or a fraction in (0, 1), got {top!r}")
     return top

@@ -18,9 +18,10 @@ def markup_safe(value):
     come from users (`run[lr=0.1].safetensors` would print as `run.safetensors`, and `[/]` would raise);
     control characters are shown escaped (`\\x1b`) so that metadata cannot drive the terminal."""
     if isinstance(value, str):
-        return escape(CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), value))
-    if isinstance(value, dict):
-        return {k: markup_safe(v) for k, v in value.items()}
+        shown = CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), value)
+        return escape(shown + " ")[:-1]  # rich doubles a trailing backslash (for gluing markup after it): not here
+    if isinstance(value, dict):  # keys too: metadata keys are the user's (fpe's own keys are plain words)
+        return {markup_safe(k) if isinstance(k, str) else k: markup_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [markup_safe(v) for v in value]
     return value

@@ -66,7 +66,7 @@ class _Ticker:
             self.bar.advance(n)
 
 
-def load_probe(data: str, mlp, samples: int | None) -> tuple[Probe, list[str]]:
+def load_probe(data: str, d_in: int, samples: int | None) -> tuple[Probe, list[str]]:
     """The test split of a data set (first `samples` rows) as the probe set, and notes on its labels.
 
     The labels group the probe rows; they need not be the model's classes (any grouping works, e.g. clause
@@ -76,16 +76,17 @@ def load_probe(data: str, mlp, samples: int | None) -> tuple[Probe, list[str]]:
     from .data import check_input_width, label_notes, load_dataset  # data sets only when asked for
 
     ds = load_dataset(data)
-    check_input_width(ds, mlp.layers[0].in_features)
+    check_input_width(ds, d_in)
     n = ds.x_test.shape[0] if samples is None else min(samples, ds.x_test.shape[0])
     if n < 1:
         raise FPEError(f"{data}: the probe set is empty", "give a data set with test rows, or a positive --samples")
-    info = {"source": str(data), "split": "test", "samples": n, "num_classes": ds.num_classes, "multilabel": ds.multilabel}
     y, groups = ds.y_test[:n], ds.num_classes
     if not ds.multilabel:
         present, y = torch.unique(y, return_inverse=True)  # (classes present,), (n,) ids 0..present-1
         groups = int(present.numel())
-    return Probe(ds.x_test[:n].float(), y, groups, info), [f"note: {n}" for n in label_notes(ds)]
+    info = {"source": str(data), "split": "test", "samples": n, "num_classes": ds.num_classes,
+            "classes_present": groups, "multilabel": ds.multilabel}
+    return Probe(ds.x_test[:n].float(), y, groups, info), [f"note: {text}" for text in label_notes(ds)]
 
 
 def _top_neurons(la: A.LayerAnalysis, top: int) -> list[dict]:
@@ -142,7 +143,7 @@ def analyze_files(paths: list[Path], data: str | None = None, top: int = 10, lay
                          "did not come from")
     probe = None
     if data is not None:
-        probe, label_notes = load_probe(data, ckpts[0].mlp, samples)
+        probe, label_notes = load_probe(data, ckpts[0].mlp.layers[0].in_features, samples)
         notes += label_notes
     ticker = _Ticker(progress)
     batches = -(-probe.x.shape[0] // A.BATCH) if probe else 0
@@ -279,7 +280,8 @@ def render_analyze(doc: dict, console: Console) -> None:
         print_table(console, _summary_table(model))
     if doc["data"]:
         d = doc["data"]
-        console.print(f"data metrics on {d['source']} ({d['split']} split, {d['samples']} samples, {d['num_classes']} classes)")
+        console.print(f"data metrics on {d['source']} ({d['split']} split, {d['samples']} samples, {d['num_classes']} classes, "
+                      f"{d['classes_present']} of them present)")
     if doc["top"]:
         for model in doc["models"]:
             print_table(console, _top_table(model))

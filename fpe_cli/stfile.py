@@ -322,8 +322,8 @@ def check_writable(path: Path, *, force: bool = False, inputs: tuple[Path, ...] 
     which names standard output in shell tools."""
     path = Path(path)
     if str(path) == "-":
-        raise FPEError("-: fpe writes its outputs to files, not to standard output",
-                       "name a file, e.g. -o out.safetensors (--json prints the report on stdout)")
+        raise FPEError(f"-: {flag} is a file; fpe writes its outputs to files, not to standard output",
+                       "name a file (--json prints the report on stdout)")
     for other_flag, other in (outputs or {}).items():
         if path.resolve() == Path(other).resolve():
             raise FPEError(f"{path}: {flag} and {other_flag} name the same file", "give each output its own path")

@@ -115,7 +115,8 @@ def test_tables_on_stdout(pair):
 def test_data_metrics_and_csv(tmp_path, pair):
     data = npz_data(tmp_path, 12)
     doc = analyze_ok(*pair, "--data", data, "--json", "--csv", tmp_path / "n.csv").json()
-    assert doc["data"] == {"source": str(data), "split": "test", "samples": 60, "num_classes": 3, "multilabel": False}
+    assert doc["data"] == {"source": str(data), "split": "test", "samples": 60, "num_classes": 3, "classes_present": 3,
+                           "multilabel": False}
     for model in doc["models"]:
         m = model["layers"][0]["metrics"]
         assert 0 <= m["dead_fraction"] <= 1 and 0 <= m["activation_density"] <= 1 and m["samples"] == 60

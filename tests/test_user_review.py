@@ -289,14 +289,16 @@ def test_save_plan_onto_the_output_names_the_clash(tmp_path):
 def test_dash_as_output_is_not_a_file_named_dash(tmp_path):
     torch.manual_seed(0)
     save_tensors(tmp_path / "m.safetensors", dict(nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).state_dict()))
-    run_cli(["expand", "m.safetensors", "--alpha", "2", "-o", "-", "-q"])
+    assert_one_error_line(run_cli(["expand", "m.safetensors", "--alpha", "2", "-o", "-", "-q"]), "not to standard output")
+    assert_one_error_line(run_cli(["analyze", "m.safetensors", "--csv", "-"]), "not to standard output")
     assert not (tmp_path / "-").exists()
 
 
 def test_a_dnf_spec_too_large_to_generate_is_refused_before_allocating(tmp_path):
     """`dnf:vars=1000000000` grew memory at 125 MB/s in make_clauses; now one line, before any allocation."""
     for spec, needle in (("dnf:vars=1000000000", "6,000,000,000,000 input values"),
-                         ("dnf:clauses=1000000000", "clauses x k = 3,000,000,000")):
+                         ("dnf:clauses=100000", "1,200,000,000 literal tests"),  # (n, clauses, k) int64 blocks
+                         ("dnf:clauses=2000,vars=6000,train=100,test=100", "clauses=2,000")):
         assert_one_error_line(run_cli(["data", spec, "-o", "d.npz"]), needle, "at most")
     assert not (tmp_path / "d.npz").exists()
 
@@ -310,6 +312,10 @@ def test_unmerged_lora_adapter_is_refused_with_a_merge_hint_and_explicit_layers_
     save_tensors(tmp_path / "lora.safetensors", state)
     line = assert_one_error_line(run_cli(["expand", "lora.safetensors", "--alpha", "2"]), "0.lora_A.weight", "merge")
     assert "--layers" in line and "--layers 0.lora_A.weight,0.lora_B.weight" not in line
+    named = {"lora_A.weight": torch.randn(8, 4), "lora_B.weight": torch.randn(3, 8)}  # layers merely named so
+    save_tensors(tmp_path / "named.safetensors", named)
+    res = run_cli(["inspect", "named.safetensors", "--json"])
+    assert res.exit_code == 0 and [c["weight"] for c in json.loads(res.stdout)["chain"]] == list(named)
     res = run_cli(["expand", "lora.safetensors", "--alpha", "2", "--layers", "0.weight,2.weight", "--json"])
     assert res.exit_code == 0, res.stderr
     assert sorted(json.loads(res.stdout)["dropped_tensors"]) == ["0.lora_A.weight", "0.lora_B.weight"]
@@ -328,9 +334,12 @@ def test_an_activation_with_arguments_is_refused_not_replaced_by_its_default(tmp
     """`nn.LeakyReLU(0.2)` said "unknown activation '2)'"; `ReLU(inplace=True)` changes no value and is read."""
     m = _small(tmp_path)
     assert_one_error_line(run_cli(["params", m, "--activation", "nn.LeakyReLU(0.2)"]), "nn.LeakyReLU(0.2)",
-                          "arguments are not supported", "0.01")
-    res = run_cli(["inspect", m, "--activation", "torch.nn.ReLU(inplace=True)", "--json"])
-    assert res.exit_code == 0 and json.loads(res.stdout)["activation"] == "relu"
+                          "0.2 is not supported", "negative_slope=0.01", "--activation NAME")
+    for module, name in ((nn.ReLU(inplace=True), "relu"), (nn.GELU(), "gelu"), (nn.LeakyReLU(), "leaky_relu")):
+        res = run_cli(["inspect", m, "--activation", f"torch.nn.{module!r}", "--json"])  # torch's reprs at defaults
+        assert res.exit_code == 0 and json.loads(res.stdout)["activation"] == name, (module, res.stderr)
+    assert_one_error_line(run_cli(["params", m, "--activation", repr(nn.GELU(approximate="tanh"))]),
+                          "approximate='tanh' is not supported")
 
 
 def test_training_options_read_like_expand_options(tmp_path):
@@ -351,13 +360,24 @@ def test_fewer_clusters_than_children_are_refused(tmp_path):
     """`--clusters 1 --split gram` at alpha 2 quietly dealt 11 edges to one child and 1 to the other."""
     m = _small(tmp_path)
     assert_one_error_line(run_cli(["expand", m, "--alpha", "2", "--split", "gram", "--clusters", "1", "-o", "o.safetensors"]),
-                          "--clusters 1 is fewer than alpha 2")
+                          "clusters=1 (--clusters or the recipe) is fewer than alpha 2")
     assert run_cli(["expand", m, "--alpha", "2", "--split", "gram", "--clusters", "2", "-o", "o.safetensors", "-q"]).exit_code == 0
 
 
 def test_analyze_names_a_bad_samples_value(tmp_path):
     m = _small(tmp_path)
     assert_one_error_line(run_cli(["analyze", m, "--data", "digits", "--samples", "-3"]), "--samples", "-3")
+
+
+def test_metadata_keys_and_trailing_backslashes_print_as_stored(tmp_path):
+    """Markup or control characters in metadata keys crashed inspect or reached the terminal; a value ending in
+    one backslash printed with two (rich's escape doubles it)."""
+    state = dict(nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).state_dict())
+    save_tensors(tmp_path / "k.safetensors", state, {"note[/]": "x", "\x1b[31mkey": "y", "dir": "C:\\runs\\"})
+    res = run_cli(["inspect", "k.safetensors"])
+    assert res.exit_code == 0, res.stderr
+    assert "note[/]: x" in res.stdout and "\\x1b[31mkey: y" in res.stdout and "\x1b" not in res.stdout
+    assert "dir: C:\\runs\\\n" in res.stdout
 
 
 def test_control_characters_in_metadata_are_shown_escaped(tmp_path):

@@ -142,6 +142,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in ALLOCATION_FAILURES)
 
 
+def report_out_of_memory() -> None:
+    print("Error: out of memory (try a smaller model, batch size, data set or --probe-samples)", file=sys.stderr)
+    raise typer.Exit(EXIT_RUNTIME) from None
+
+
 def handle_errors(func: Callable) -> Callable:
     """Map the tool's errors to one `Error:` line on stderr and the documented exit code."""
 
@@ -158,8 +163,7 @@ def handle_errors(func: Callable) -> Callable:
             report_interrupt()
             raise typer.Exit(130) from None
         except MemoryError:
-            print("Error: out of memory (try a smaller model or batch size)", file=sys.stderr)
-            raise typer.Exit(EXIT_RUNTIME) from None
+            report_out_of_memory()
         except OSError as exc:  # a file that cannot be read or written: one line naming it, no traceback
             code, message = os_error_message(exc)
             print(f"Error: {message}", file=sys.stderr)
@@ -168,8 +172,7 @@ def handle_errors(func: Callable) -> Callable:
             raise typer.Exit(code) from None
         except Exception as exc:  # noqa: BLE001 - last resort: still one line, traceback on demand
             if is_out_of_memory(exc):
-                print("Error: out of memory (try a smaller model or batch size)", file=sys.stderr)
-                raise typer.Exit(EXIT_RUNTIME) from None
+                report_out_of_memory()
             print(f"Error: internal error: {type(exc).__name__}: {exc} (rerun with FPE_DEBUG=1 for a traceback)",
                   file=sys.stderr)
             if os.environ.get("FPE_DEBUG") == "1":
