@@ -165,7 +165,8 @@ def write_dataset_npz(dataset: Dataset, path: Path, force: bool = False) -> int:
     with atomic_output(Path(path), force=force) as tmp:
         with open(tmp, "wb") as fh:  # a file object: np.savez would otherwise append ".npz" to the name
             np.savez_compressed(fh, **arrays)
-    return Path(path).stat().st_size
+        size = tmp.stat().st_size  # the temp file's: inside outputs_together() it is published later
+    return size
 
 
 def write_clause_map(groups: list[list[int]], path: Path, num_inputs: int, force: bool = False) -> int:
@@ -173,7 +174,7 @@ def write_clause_map(groups: list[list[int]], path: Path, num_inputs: int, force
     text = json.dumps({"groups": [list(map(int, g)) for g in groups], "num_inputs": int(num_inputs)}) + "\n"
     with atomic_output(Path(path), force=force) as tmp:
         tmp.write_text(text)
-    return Path(path).stat().st_size
+    return len(text.encode())
 
 
 # ---------------------------------------------------------------- built-ins and specs

@@ -20,7 +20,7 @@ from .errors import JSON_ERRORS, FPEError, VerificationError
 from .expand import OUTGOING, ExpandResult, PlanInputs, expand_mlp, function_drift
 from .plan import STRATEGIES
 from .recipe import check_expand_top, load_clause_map, load_recipe, parse_selection, select_targets
-from .stfile import check_writable, read_header, sha256_file
+from .stfile import check_writable, outputs_together, read_header, sha256_file
 from .verify import check_invariants, check_off_mask_zero, check_ties, compares_values, model_counts
 
 PRUNE_RULE = "global-magnitude; ties: earlier layer, then row-major"
@@ -203,7 +203,7 @@ def expand_file(opts: ExpandOptions, timings: dict[str, float] | None = None) ->
         "clause_map_sha256": sha256_file(opts.clause_map) if opts.clause_map else None,
         "data": opts.probe_data,
     }, sort_keys=True)
-    with _phase(timings, "write"):
+    with _phase(timings, "write"), outputs_together():  # a plan that cannot be written leaves no checkpoint
         size = save_checkpoint(result.mlp, output, opts.layout, meta, force=opts.force)
         if opts.save_plan:
             save_plan(result.plan, opts.save_plan, source_sha256=ckpt.sha256, force=opts.force)

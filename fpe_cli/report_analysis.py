@@ -20,7 +20,7 @@ from . import analysis as A
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import FPEError
 from .report import markup_safe, print_table
-from .stfile import atomic_output, check_writable
+from .stfile import atomic_output, check_writable, outputs_together
 from .verify import non_finite_tensors
 
 SCHEMA = "fpe.analyze/1"
@@ -175,6 +175,26 @@ def csv_rows(result: AnalyzeResult):
 def _csv_num(value) -> str:
     v = float(value)
     return "" if math.isnan(v) else repr(v)
+
+
+def write_outputs(result: AnalyzeResult, csv_path: Path | None, plots_dir: Path | None,
+                  force: bool = False) -> tuple[int, list[Path]]:
+    """The --csv file and the --plots PNGs, published together: a failure (a full disk) leaves none of them,
+    nor a plots directory this call created."""
+    created = plots_dir is not None and not Path(plots_dir).exists()
+    try:
+        with outputs_together():
+            rows = write_csv(result, csv_path, force) if csv_path is not None else 0
+            if plots_dir is None:
+                return rows, []
+            from . import plots  # matplotlib only when --plots asks for it
+
+            return rows, plots.write_plots(result, plots_dir, force)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                Path(plots_dir).rmdir()  # only if empty
+        raise
 
 
 def write_csv(result: AnalyzeResult, path: Path, force: bool = False) -> int:

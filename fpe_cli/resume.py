@@ -52,7 +52,9 @@ def _differences(saved: dict, now: dict) -> list[str]:
 
 
 def save_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, gen: torch.Generator,
-               epoch: int, fp: dict) -> None:
+               epoch: int, fp: dict, *, replace: bool = True) -> None:
+    """Write the resume state atomically. `replace=False` (a run's first state, when none was there at its
+    start): a state that appeared meanwhile is another run's, and is not overwritten."""
     tensors = {f"model.{k}": v.detach().cpu() for k, v in module.named_parameters()}
     tensors.update({"rng.shuffle": gen.get_state(), "rng.torch": torch.get_rng_state()})
     scalars = {}
@@ -65,7 +67,13 @@ def save_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, 
     meta = {"fpe.kind": "resume-state", "fpe.resume": json.dumps(
         {"version": STATE_VERSION, "epoch": epoch, "fingerprint": fp["digest"], "run": fp, "optim_scalars": scalars},
         sort_keys=True)}
-    write_safetensors(path, tensors, meta, force=True)
+    try:
+        write_safetensors(path, tensors, meta, force=replace)
+    except FPEError as exc:
+        if replace or "output exists" not in exc.message:  # the state is there, or appeared while writing it
+            raise
+        raise FPEError(f"{path}: another fpe run started writing this resume state (the same -o) while this one "
+                       "trained; stopped without touching it", "run one job per output, or give each its own -o") from None
 
 
 def load_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, gen: torch.Generator, fp: dict,

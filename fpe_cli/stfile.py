@@ -256,14 +256,44 @@ def encode_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     return struct.pack("<Q", len(raw)) + raw, order
 
 
+_STAGED: list[list] | None = None  # inside outputs_together(): finished temp files waiting to be published
+
+
+@contextlib.contextmanager
+def outputs_together() -> Iterator[None]:
+    """Publish every atomic_output of the block only once all of them are written: a command with several
+    outputs (a checkpoint and its plan, a data set and its clause map, plots) that fails, e.g. on a full
+    disk, leaves none of them, where separate writes left the first behind to block a rerun."""
+    global _STAGED
+    outer, _STAGED = _STAGED, []
+    staged = _STAGED
+    try:
+        yield
+        for tmp, path, force, _ in staged:
+            _publish(tmp, path, force)
+    except BaseException:
+        for _, path, _, prefix in staged:
+            _remove_temps(path.parent, prefix)
+        raise
+    finally:
+        _STAGED = outer
+
+
+def _temp_prefix(path: Path) -> str:
+    """`.NAME.PID-RANDOM.`: unique to one call and known before the file exists (an interrupt that lands inside
+    mkstemp, after it created the file but before it returned the name, still finds it). The name is cut so
+    that the temp name fits the usual 255-byte limit when the output's own name does."""
+    name = path.name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore")
+    return f".{name}.{os.getpid()}-{secrets.token_hex(4)}."
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success fsync and rename it over `path`, else remove it."""
+    """Yield a temp path beside `path`; on success fsync and rename it over `path`, else remove it.
+    Errors while writing name `path`, not the temp file (`No space left on device` alone named nothing)."""
     path = Path(path)
     check_writable(path, force=force)
-    # A prefix unique to this call, known before the file exists: an interrupt (SIGTERM/Ctrl-C) that
-    # lands inside mkstemp, after it created the file but before it returned the name, still finds it.
-    prefix = f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}."
+    prefix = _temp_prefix(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -272,9 +302,14 @@ def atomic_output(path: Path, *, force: bool = False) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, _output_mode(path))  # mkstemp makes 0600; give the file the usual permissions
-        _publish(tmp_path, path, force)
-    except BaseException:
+        if _STAGED is not None:
+            _STAGED.append([tmp_path, path, force, prefix])
+        else:
+            _publish(tmp_path, path, force)
+    except BaseException as exc:
         _remove_temps(path.parent, prefix)
+        if isinstance(exc, OSError) and (exc.filename is None or Path(str(exc.filename)).name.startswith(prefix)):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
 
 
@@ -330,7 +365,13 @@ def check_writable(path: Path, *, force: bool = False, inputs: tuple[Path, ...] 
     if path.is_dir():
         raise FPEError(f"{path}: output path is a directory", "name a file, e.g. -o out.safetensors")
     if not path.parent.exists():
-        raise FPEError(f"{path.parent}: output directory does not exist", "create it first (mkdir -p)")
+        tilde = str(path).startswith("~")  # quoted, so the shell left it: fpe takes paths as given
+        raise FPEError(f"{path.parent}: output directory does not exist",
+                       "the shell did not expand a quoted ~: write $HOME/... or leave ~ unquoted" if tilde
+                       else "create it first (mkdir -p)")
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # before the work, not after it (root passes anyway)
+        raise FPEError(f"{path}: cannot write in {path.parent} (permission denied)",
+                       "check the permissions of the directory, or write elsewhere with -o")
     for src in inputs:
         if path.exists() and src.exists() and os.path.samefile(path, src):
             raise FPEError(f"{path}: output path is the input file", "choose another output path")
@@ -354,4 +395,5 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
             fh.write(head)
             for name in order:
                 fh.write(_tensor_bytes(tensors[name]))
-    return Path(path).stat().st_size
+        size = tmp.stat().st_size  # the temp file's: inside outputs_together() it is published later
+    return size

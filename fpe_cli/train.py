@@ -240,6 +240,9 @@ def _fit(mlp, dataset, cfg, callback, checkpoint_every, state_path, resume, ctx)
     if resume and state_path is None:
         raise FPEError("resume needs the path of a resume state")
     start = load_state(state_path, module, optimizer, gen, fp, cfg.epochs) if resume else 0
+    # --resume continues the state there; a fresh run's first save must not replace one that appeared after its
+    # start: that is another run writing the same output (a leftover state was refused, or removed by --force)
+    replace = resume
     net, x, y = ctx.wrap(module), dataset.x_train.to(ctx.device), dataset.y_train.to(ctx.device)
     loss = float("nan")
     for epoch in range(start, cfg.epochs):
@@ -248,7 +251,8 @@ def _fit(mlp, dataset, cfg, callback, checkpoint_every, state_path, resume, ctx)
             callback({"epoch": epoch + 1, "epochs": cfg.epochs, "loss": loss, "accuracy": acc})
         if checkpoint_every and state_path and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == cfg.epochs):
             if ctx.is_main:
-                save_state(state_path, module, optimizer, gen, epoch + 1, fp)
+                save_state(state_path, module, optimizer, gen, epoch + 1, fp, replace=replace)
+            replace = True
             ctx.barrier()
     trained = module.to_mlp(mlp)
     assert_masks_hold(trained)

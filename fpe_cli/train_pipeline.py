@@ -17,7 +17,7 @@ from .data import (Dataset, check_input_width, check_output_width, label_notes, 
                    write_dataset_npz)
 from .distributed import context, finish as finish_distributed
 from .errors import FPEError, VerificationError
-from .stfile import check_writable
+from .stfile import check_writable, outputs_together
 from .train import Callback, TrainConfig, evaluate, finetune, train_dense
 from .verify import check_invariants, model_counts
 
@@ -94,6 +94,13 @@ def check_run_outputs(output: Path, state: Path, inputs: tuple[Path, ...], force
                        "pass --resume to continue it, or --force to start over")
 
 
+def start_over(state: Path, force: bool, resume: bool) -> None:
+    """--force without --resume starts over: the earlier run's state goes now, so that this run's first save
+    replaces nothing (one that appears later is another run's, see resume.save_state)."""
+    if force and not resume and context().is_main:
+        state.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def _no_state_after_failed_checks(state: Path, checkpoint_every: int) -> Iterator[None]:
     """Training that fails its final checks (diverged to NaN, a weight off its mask) writes no output,
@@ -128,9 +135,11 @@ def data_file(spec: str, output: Path, clause_map: Path | None, force: bool) -> 
     check_writable(output, force=force, inputs=data_inputs(spec))  # never over the .npz it reads, even with --force
     if clause_map is not None:
         check_writable(clause_map, force=force, inputs=data_inputs(spec), outputs={"-o": output}, flag="--clause-map")
-    doc = {"data": dataset.summary(), "output": str(output), "bytes": write_dataset_npz(dataset, output, force)}
-    if clause_map is not None:
-        doc.update(clause_map=str(clause_map), clause_map_bytes=write_clause_map(groups, clause_map, dataset.num_inputs, force))
+    with outputs_together():  # a clause map that cannot be written leaves no data set behind
+        doc = {"data": dataset.summary(), "output": str(output), "bytes": write_dataset_npz(dataset, output, force)}
+        if clause_map is not None:
+            doc.update(clause_map=str(clause_map),
+                       clause_map_bytes=write_clause_map(groups, clause_map, dataset.num_inputs, force))
     if not dataset.multilabel:
         doc["label_counts"] = dataset.y_train.bincount(minlength=dataset.num_classes).tolist()
     else:
@@ -146,6 +155,7 @@ def train_file(data: str, hidden: list[int], activation: str, cfg: TrainConfig, 
     output = output or Path(f"{data_stem(data)}_mlp.safetensors")
     state = state_path_for(output)
     check_run_outputs(output, state, data_inputs(data), force, resume)
+    start_over(state, force, resume)
     with _no_state_after_failed_checks(state, checkpoint_every):
         mlp, metrics = train_dense(dataset, hidden, activation=activation, **asdict(cfg), callback=callback,
                                    checkpoint_every=checkpoint_every, state_path=state, resume=resume)
@@ -185,6 +195,7 @@ def finetune_file(model: Path, data: str, cfg: TrainConfig, output: Path | None,
     output = output or default_finetune_output(model)
     state = state_path_for(output)
     check_run_outputs(output, state, (model, *data_inputs(data)), force, resume)
+    start_over(state, force, resume)
     with _no_state_after_failed_checks(state, checkpoint_every):
         tuned, metrics = finetune(ckpt.mlp, dataset, **asdict(cfg), checkpoint_every=checkpoint_every,
                                   state_path=state, resume=resume, callback=callback)

@@ -414,3 +414,10 @@ def test_expand_table_arithmetic_adds_up(tmp_path):
     assert doc["layers"][1]["weights_widened"] == 2 * doc["layers"][1]["weights_before"]
     res = run_cli(["expand", m, "--alpha", "2", "-o", "p.safetensors"])
     assert "widened" in res.stderr
+
+
+def test_a_quoted_tilde_gets_a_hint(tmp_path):
+    """`-o '~/x.safetensors'` said only '~: output directory does not exist'."""
+    m = _small(tmp_path)
+    assert_one_error_line(run_cli(["expand", m, "--alpha", "2", "-o", "~/x.safetensors"]),
+                          "~: output directory does not exist", "quoted ~", "$HOME")

@@ -47,8 +47,7 @@ def analyze(
         result = report.analyze_files(paths, data, top, parse_layers(layers), activation, samples, progress=bar)
     for message in result.notes:  # warnings: on stderr even with --json (stdout keeps the one document)
         note(escape(message), quiet)
-    rows = report.write_csv(result, csv, force) if csv is not None else 0
-    pngs = plotting.write_plots(result, plots, force) if plots is not None else []
+    rows, pngs = report.write_outputs(result, csv, plots, force)
     emit_json(result.doc) if json_out else report.render_analyze(result.doc, out_console)
     note(escape(f"wrote {rows} neuron rows to {csv}"), quiet or json_out or csv is None)
     note(escape(f"wrote {', '.join(map(str, pngs))}"), quiet or json_out or not pngs)

@@ -198,8 +198,13 @@ def json_safe(value: Any) -> Any:
 
 
 def emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+        sys.stdout.flush()
+    except OSError as exc:  # a full device behind stdout: say so, not as if an output file had failed
+        if exc.errno == errno.EPIPE or exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), "standard output") from None
 
 
 def working(message: str, quiet: bool = False):
