@@ -14,28 +14,8 @@ import torch
 
 from .errors import FPEError
 from .model import Layer, check_chain
-
-FPE_PREFIX = "fpe."  # fpe's own tensors (masks, lineage, packed storage) live under this prefix
-
-
-def natural_key(name: str) -> list:
-    # odd positions are the ASCII digit runs; by position, not str.isdigit(), which is also true of
-    # characters int() rejects ('²'): such a tensor name once crashed discovery
-    return [int(tok) if i % 2 else tok for i, tok in enumerate(re.split(r"([0-9]+)", name))]
-
-
-def bias_candidates(weight_key: str) -> list[str]:
-    """Names a bias of this weight is commonly saved under."""
-    out = []
-    for old, new in (("weights", "biases"), ("weight", "bias"), ("kernel", "bias")):  # `weights.0` -> `biases.0`
-        at = weight_key.rfind(old)
-        if at >= 0 and weight_key[:at] + new + weight_key[at + len(old):] not in out:
-            out.append(weight_key[:at] + new + weight_key[at + len(old):])
-    m = re.fullmatch(r"(.*?)([Ww])(_?\d*)", weight_key)
-    if m:
-        out.append(f"{m.group(1)}b{m.group(3)}")
-    return out
-
+from .names import FPE_PREFIX, bias_candidates, family, natural_key  # noqa: F401  (FPE_PREFIX re-exported)
+from .refusals import refuse_flat_weights, refuse_hidden_weights, refuse_norms_inside
 
 def _describe(tensors: dict[str, torch.Tensor]) -> str:
     items = [f"{k} {tuple(v.shape)}" for k, v in sorted(tensors.items(), key=lambda kv: natural_key(kv[0]))]
@@ -53,85 +33,11 @@ def weight_candidates(tensors: dict[str, torch.Tensor]) -> list[str]:
     # 2-D tensors named *weight are candidates whatever their dtype: an integer one is then refused by
     # name (load_checkpoint) instead of being skipped, which would silently drop a layer of the chain
     named = [k for k, v in tensors.items() if v.ndim == 2 and k.lower().endswith("weight")]
-    _refuse_hidden_weights(tensors, named)
-    _refuse_flat_weights(tensors, named)
+    refuse_hidden_weights(tensors, named)
+    refuse_flat_weights(tensors, named)
     two_d = [k for k, v in tensors.items() if v.ndim == 2 and v.is_floating_point()]
     biases = {b for k in two_d for b in bias_candidates(k) if b != k}  # `b1` (1, 8) beside `W1` is no layer
     return sorted(named or [k for k in two_d if k not in biases], key=natural_key)
-
-
-def _family(name: str) -> str:
-    return re.sub(r"\d+", "#", name)
-
-
-def _refuse_flat_weights(tensors: dict[str, torch.Tensor], named: list[str]) -> None:
-    """A 0-/1-D tensor named like the chain's weights (`1.weight` beside `0.weight`/`2.weight`), or
-    whose bias has another length, sits where a linear weight is expected: a corrupt file or a layer
-    fpe cannot expand through. Skipping it would silently change the network. A norm (1-D weight and
-    bias of one length) is left to `_refuse_norms_inside`: at the input or output width it is outside."""
-    families = {_family(k) for k in named}
-    for key, t in sorted(tensors.items(), key=lambda kv: natural_key(kv[0])):
-        if t.ndim >= 2 or not key.lower().endswith("weight"):
-            continue
-        bias = next((tensors[b] for b in bias_candidates(key) if b in tensors), None)
-        if t.ndim == 1 and bias is not None and tuple(bias.shape) == tuple(t.shape):
-            continue  # a norm's affine parameters: where it sits is decided by its width (_refuse_norms_inside)
-        if named and (_family(key) in families or (bias is not None and tuple(bias.shape) != tuple(t.shape))):
-            linear = sorted(named, key=natural_key)
-            raise FPEError(
-                f"{key}: a {t.ndim}-D tensor {tuple(t.shape)} where a 2-D linear weight is expected "
-                f"(beside {', '.join(linear[:4])})",
-                "fpe reads MLPs of 2-D linear weights; if the file is intact, name the linear layers with --layers",
-            )
-
-
-LORA_NAME = re.compile(r"(^|\.)(lora_[AB]|lora_down|lora_up|lora_embedding_[AB])(\.|$)")
-
-
-def _lora_adapter(key: str, tensors: dict[str, torch.Tensor]) -> bool:
-    """`fc1.lora_A.weight` (or PEFT's `fc1.lora_A.default.weight`) beside the base weight it adapts
-    (`fc1.weight` or `fc1.base_layer.weight`); a layer that is merely named `lora_A` is a layer."""
-    m = LORA_NAME.search(key)
-    if m is None:
-        return False
-    prefix = key[: m.start()]
-    return any(f"{prefix}.{base}" in tensors for base in ("weight", "base_layer.weight")) if prefix else False
-
-
-def _refuse_hidden_weights(tensors: dict[str, torch.Tensor], named: list[str]) -> None:
-    """Weights torch saves under other names (pruning and parametrization reparametrizations), and a
-    bias whose weight is missing (a tied weight that `safetensors.torch.save_model` stored only once):
-    discovery would silently build a chain without that layer."""
-    for key in sorted(tensors, key=natural_key):
-        if key.endswith("weight_orig") and key[: -len("orig")] + "mask" in tensors:
-            raise FPEError(
-                f"{key} and {key[:-len('orig')]}mask: a torch.nn.utils.prune reparametrization, not a plain weight",
-                "call torch.nn.utils.prune.remove(module, 'weight') on each pruned layer before saving; "
-                "pruned weights are then exact zeros, which fpe counts as missing",
-            )
-        if _lora_adapter(key, tensors):
-            raise FPEError(
-                f"{key}: an unmerged LoRA adapter; the layer it adapts computes W + B @ A * scale, not its base weight",
-                "merge the adapters before saving (peft: model.merge_and_unload(); by hand: W += B @ A * "
-                "lora_alpha / r), or name the base layers with --layers to expand them without the adapters",
-            )
-        if ".parametrizations." in key:
-            raise FPEError(
-                f"{key}: a torch parametrization (weight_norm, spectral_norm, ...), not a plain weight",
-                "call torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') before saving",
-            )
-    families = {_family(k) for k in named}
-    for key in sorted(tensors, key=natural_key):
-        if not key.endswith(".bias") or tensors[key].ndim != 1:
-            continue
-        weight = key[: -len("bias")] + "weight"
-        if weight not in tensors and _family(weight) in families:
-            raise FPEError(
-                f"{key} has no {weight} beside it: a layer of the MLP is missing from the file; "
-                "safetensors.torch.save_model stores a tied (shared) weight only once",
-                "save a state_dict with every weight, e.g. save_file({k: v.clone() for k, v in "
-                "model.state_dict().items()}, path), or name the chain with --layers",
-            )
 
 
 def _chains(keys: list[str], tensors: dict[str, torch.Tensor]) -> bool:
@@ -159,7 +65,7 @@ def _paths(keys: list[str], tensors: dict[str, torch.Tensor], *, complete: bool,
     search ran out of steps."""
     families: dict[str, list[str]] = {}
     for k in keys:  # keys come in natural order
-        families.setdefault(_family(k), []).append(k)
+        families.setdefault(family(k), []).append(k)
     steps, found, best = [0], [], [0]
 
     def options(path: list[str], left: set[str]) -> list[str]:
@@ -346,48 +252,8 @@ def discover_layers(tensors: dict[str, torch.Tensor], layer_names: list[str] | N
     used = {k for layer in layers for k in (layer.weight_key, layer.bias_key) if k}
     unused = sorted(set(user) - used, key=natural_key)
     if not layer_names:  # named layers are the user's choice to leave the rest out
-        _refuse_norms_inside(layers, {k: user[k] for k in unused})
+        refuse_norms_inside(layers, {k: user[k] for k in unused})
     return layers, unused
-
-
-NORM_STATS = ("running_mean", "running_var")
-
-
-def _norm_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Tensors of a normalization layer -> its width: a 1-D weight with a bias of the same shape
-    (LayerNorm/BatchNorm affine parameters) or BatchNorm's running statistics."""
-    found = {}
-    for key, t in tensors.items():
-        if t.ndim != 1:
-            continue
-        if key.endswith(NORM_STATS):
-            found[key] = t.numel()
-        elif key.lower().endswith("weight"):
-            bias = next((b for b in bias_candidates(key) if b in tensors), None)
-            if bias is not None and tuple(tensors[bias].shape) == tuple(t.shape):
-                found[key] = found[bias] = t.numel()
-    return found
-
-
-def _refuse_norms_inside(layers: list[Layer], unused: dict[str, torch.Tensor]) -> None:
-    """A normalization layer whose width is a hidden width sits inside the chain (under its own name,
-    e.g. `fc1`, `bn1`, `fc2`): expanding, evaluating or fine-tuning the linear layers without it would
-    silently compute another network. Norms at the input or output width stay outside (noted)."""
-    hidden = {layer.out_features: i for i, layer in enumerate(layers[:-1])}
-    inside = {k: n for k, n in _norm_tensors(unused).items() if n in hidden}
-    if not inside:
-        return
-    names = sorted(inside, key=natural_key)
-    width = inside[names[0]]
-    chain = ",".join(layer.weight_key for layer in layers)
-    raise FPEError(
-        f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: a normalization layer (BatchNorm/LayerNorm) "
-        f"of width {width}, the output width of {layers[hidden[width]].weight_key}, so it sits inside the MLP; "
-        "fpe expands plain MLPs (linear layers and one activation), and leaving it out would change the network",
-        "fold it into the linear layer it follows and save again (Linear -> BatchNorm, eval mode: scale = "
-        "weight / sqrt(running_var + eps); W *= scale[:, None]; b = (b - running_mean) * scale + bias), or use the "
-        f"linear layers alone, leaving the norm out of every output: --layers {chain}",
-    )
 
 
 def _make_layer(key: str, tensors: dict[str, torch.Tensor]) -> Layer:
