@@ -22,7 +22,7 @@ import torch
 
 from .dataset import KEYS, MAX_CLASSES, SAVE, Dataset, from_arrays
 from .errors import JSON_ERRORS, FPEError
-from .stfile import atomic_output
+from .outputs import atomic_output
 
 
 def label_notes(dataset: Dataset) -> list[str]:

@@ -18,9 +18,10 @@ from .checkpoint import (Checkpoint, check_finite, load_checkpoint, load_plan, m
                          save_checkpoint, save_plan)
 from .errors import JSON_ERRORS, FPEError, VerificationError
 from .expand import OUTGOING, ExpandResult, PlanInputs, expand_mlp, function_drift
+from .outputs import check_writable, outputs_together
 from .plan import STRATEGIES
 from .recipe import check_expand_top, load_clause_map, load_recipe, parse_selection, select_targets
-from .stfile import check_writable, outputs_together, read_header, sha256_file
+from .stfile import read_header, sha256_file
 from .verify import check_invariants, check_off_mask_zero, check_ties, compares_values, model_counts
 
 PRUNE_RULE = "global-magnitude; ties: earlier layer, then row-major"

@@ -17,8 +17,8 @@ import torch
 from . import analysis as A
 from .errors import FPEError
 from .model import effective_weight
+from .outputs import atomic_output
 from .report_analysis import AnalyzeResult
-from .stfile import atomic_output
 
 FILES = ("gram.png", "weights.png", "capacity.png")
 MAX_FEATURES = 512  # Gram heatmap and weight image: at most this many features (columns)

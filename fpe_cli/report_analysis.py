@@ -19,8 +19,8 @@ from rich.table import Table
 from . import analysis as A
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import FPEError
+from .outputs import atomic_output, check_writable, outputs_together
 from .report import markup_safe, print_table
-from .stfile import atomic_output, check_writable, outputs_together
 from .verify import non_finite_tensors
 
 SCHEMA = "fpe.analyze/1"
@@ -180,8 +180,8 @@ def _csv_num(value) -> str:
 def write_outputs(result: AnalyzeResult, csv_path: Path | None, plots_dir: Path | None,
                   force: bool = False) -> tuple[int, list[Path]]:
     """The --csv file and the --plots PNGs, published together: a failure (a full disk) leaves none of them,
-    nor a plots directory this call created."""
-    created = plots_dir is not None and not Path(plots_dir).exists()
+    nor the directories this call created for the plots."""
+    created = [] if plots_dir is None else [d for d in (Path(plots_dir), *Path(plots_dir).parents) if not d.exists()]
     try:
         with outputs_together():
             rows = write_csv(result, csv_path, force) if csv_path is not None else 0
@@ -191,9 +191,9 @@ def write_outputs(result: AnalyzeResult, csv_path: Path | None, plots_dir: Path 
 
             return rows, plots.write_plots(result, plots_dir, force)
     except BaseException:
-        if created:
+        for directory in created:  # the plots directory first, then the parents this call created
             with contextlib.suppress(OSError):
-                Path(plots_dir).rmdir()  # only if empty
+                directory.rmdir()  # only if empty
         raise
 
 
@@ -217,6 +217,8 @@ def check_outputs(csv_path: Path | None, plots_dir: Path | None, force: bool, in
         check_writable(Path(csv_path), force=force, inputs=tuple(Path(p) for p in inputs if p is not None))
     if plots_dir is not None and Path(plots_dir).exists() and not Path(plots_dir).is_dir():
         raise FPEError(f"{plots_dir}: --plots needs a directory, found a file", "name a directory (it is created if missing)")
+    if plots_dir is not None and Path(plots_dir).is_dir():  # an existing one must take the plots (tried for real)
+        check_writable(Path(plots_dir) / "gram.png", force=True, inputs=tuple(Path(p) for p in inputs if p is not None))
 
 
 # ---------------------------------------------------------------- rich tables

@@ -17,7 +17,7 @@ from .data import (Dataset, check_input_width, check_output_width, label_notes, 
                    write_dataset_npz)
 from .distributed import context, finish as finish_distributed
 from .errors import FPEError, VerificationError
-from .stfile import check_writable, outputs_together
+from .outputs import check_writable, outputs_together
 from .train import Callback, TrainConfig, evaluate, finetune, train_dense
 from .verify import check_invariants, model_counts
 
@@ -128,13 +128,13 @@ def _finish(output: Path, state: Path, checkpoint_every: int) -> None:
 
 
 def data_file(spec: str, output: Path, clause_map: Path | None, force: bool) -> dict:
+    check_writable(output, force=force, inputs=data_inputs(spec))  # never over the .npz it reads, even with --force
+    if clause_map is not None:  # both before the data set is made (a large DNF takes a while)
+        check_writable(clause_map, force=force, inputs=data_inputs(spec), outputs={"-o": output}, flag="--clause-map")
     dataset = load_dataset(spec)
     groups = dataset.info.get("groups")
     if clause_map is not None and groups is None:
         raise FPEError(f"{dataset.name}: has no clause map (only dnf data sets do)", "drop --clause-map")
-    check_writable(output, force=force, inputs=data_inputs(spec))  # never over the .npz it reads, even with --force
-    if clause_map is not None:
-        check_writable(clause_map, force=force, inputs=data_inputs(spec), outputs={"-o": output}, flag="--clause-map")
     with outputs_together():  # a clause map that cannot be written leaves no data set behind
         doc = {"data": dataset.summary(), "output": str(output), "bytes": write_dataset_npz(dataset, output, force)}
         if clause_map is not None:

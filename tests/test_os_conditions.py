@@ -517,3 +517,68 @@ def test_a_reader_that_goes_away_and_a_closed_stdin(tmp_path, inputs):
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert (tmp_path / "t.safetensors").is_file()
     assert temp_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------- publishing several outputs (review findings)
+
+
+def test_outputs_published_together_are_all_or_none(tmp_path):
+    """The second output appearing meanwhile (another run) fails the publish: the first, already linked, is
+    taken back; nested blocks join the outer one; no temp file is left."""
+    from fpe_cli.errors import FPEError
+    from fpe_cli.outputs import atomic_output, outputs_together
+
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    with pytest.raises(FPEError, match="b.bin: output exists"):
+        with outputs_together():
+            with atomic_output(a) as tmp:
+                tmp.write_bytes(b"a")
+            with atomic_output(b) as tmp:
+                tmp.write_bytes(b"b")
+            b.write_bytes(b"another run's")
+    assert not a.exists() and b.read_bytes() == b"another run's" and temp_files(tmp_path) == []
+    with pytest.raises(RuntimeError):
+        with outputs_together():
+            with outputs_together():
+                with atomic_output(a) as tmp:
+                    tmp.write_bytes(b"a")
+            raise RuntimeError("the outer block fails after the inner one")
+    assert not a.exists() and temp_files(tmp_path) == []
+    with outputs_together():
+        for p in (a, tmp_path / "c.bin"):
+            with atomic_output(p) as tmp:
+                tmp.write_bytes(p.name.encode())
+    assert a.read_bytes() == b"a.bin" and (tmp_path / "c.bin").read_bytes() == b"c.bin" and temp_files(tmp_path) == []
+
+
+def test_a_staged_publish_error_names_the_output(tmp_path):
+    """--force onto a name that became a directory while fpe worked: the error names the output, not the temp."""
+    from fpe_cli.outputs import atomic_output, outputs_together
+
+    a = tmp_path / "a.bin"
+    with pytest.raises(OSError) as info:
+        with outputs_together():
+            with atomic_output(a, force=True) as tmp:
+                tmp.write_bytes(b"a")
+            a.mkdir()
+    assert info.value.filename == str(a) and temp_files(tmp_path) == []
+
+
+def test_a_read_only_file_system_is_named_as_such_before_the_work(tmp_path, small_fs, inputs):
+    """The directory is tried for real: a read-only mount says so (EROFS), as root too, and nothing is written."""
+    _copy(inputs, tmp_path, "m.safetensors")
+    assert subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], capture_output=True).returncode == 0
+    proc = fpe(["expand", "m.safetensors", "--alpha", "2", "-q", "-o", f"{small_fs.name}/e.safetensors"], tmp_path,
+               text=True)
+    one_error_line(proc, 2, "read-only file system", "e.safetensors")
+    assert list(small_fs.iterdir()) == []
+
+
+def test_a_table_on_a_full_stdout_says_standard_output(tmp_path, inputs):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    _copy(inputs, tmp_path, "m.safetensors")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([*FPE, "params", "m.safetensors"], cwd=tmp_path, env=_env(), stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    one_error_line(proc, 1, "standard output: No space left on device")

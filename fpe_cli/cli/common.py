@@ -38,6 +38,18 @@ class _Console(Console):
         self.quiet = True
         raise BrokenPipeError(errno.EPIPE, "Broken pipe (the reader of the output went away)")
 
+    def _check_buffer(self) -> None:  # rich's write-out of what was printed
+        try:
+            super()._check_buffer()
+        except OSError as exc:  # a full device behind the stream (> /dev/full): name it, not as if a file failed
+            raise_as_stream_error(exc, "standard error" if self.stderr else "standard output")
+
+
+def raise_as_stream_error(exc: OSError, stream: str) -> None:
+    if exc.errno == errno.EPIPE or exc.filename is not None:
+        raise exc
+    raise OSError(exc.errno, exc.strerror or str(exc), stream) from None
+
 
 # Diagnostics, tables and progress go to stderr unless a command renders its result on stdout.
 def _console(stderr: bool) -> Console:
@@ -143,7 +155,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def report_out_of_memory() -> None:
-    print("Error: out of memory (try a smaller model, batch size, data set or --probe-samples)", file=sys.stderr)
+    print("Error: out of memory (try a smaller model, batch size or data set)", file=sys.stderr)
     raise typer.Exit(EXIT_RUNTIME) from None
 
 
@@ -202,9 +214,7 @@ def emit_json(doc: Any) -> None:
         sys.stdout.write(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
         sys.stdout.flush()
     except OSError as exc:  # a full device behind stdout: say so, not as if an output file had failed
-        if exc.errno == errno.EPIPE or exc.filename is not None:
-            raise
-        raise OSError(exc.errno, exc.strerror or str(exc), "standard output") from None
+        raise_as_stream_error(exc, "standard output")
 
 
 def working(message: str, quiet: bool = False):
