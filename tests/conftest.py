@@ -179,3 +179,32 @@ def model6(tmp_path):
     path = tmp_path / "m.safetensors"
     save_file(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).state_dict(), str(path))
     return path
+
+
+# ---------------------------------------------------------------- subprocess helpers (tests that run the real executable)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for an `fpe` child process: no FPE_DEBUG, one thread each (2 shared cores)."""
+    env = {k: v for k, v in os.environ.items() if k != "FPE_DEBUG"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def temp_files(where: Path) -> list[str]:
+    """fpe's temp files (`.NAME.*.tmp`) anywhere below `where`."""
+    return sorted(p.name for p in Path(where).rglob("*") if p.name.endswith(".tmp"))
+
+
+def wait_until(proc, ready, timeout: float = 90):
+    """Poll `ready()` every 0.2 ms until it returns something truthy (the process must still run)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        seen = ready()
+        if seen:
+            return seen
+        time.sleep(0.0002)
+    raise AssertionError(f"the process finished before the moment to act on came: {proc.communicate()}")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_error_line, run_cli, save_mlp
+from conftest import assert_one_error_line, run_cli, save_mlp, subprocess_env, temp_files, wait_until
 
 _EXE = Path(sys.executable).parent / "fpe"
 FPE = [str(_EXE)] if _EXE.exists() else [sys.executable, "-m", "fpe_cli"]
@@ -40,20 +40,13 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 # ---------------------------------------------------------------- helpers
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "FPE_DEBUG"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # 2 shared cores
-    env.update(extra)
-    return env
-
-
 def fpe(args, cwd: Path, *, env: dict | None = None, prefix: list[str] | None = None, timeout: float = 120,
         **kw) -> subprocess.CompletedProcess:
     """The real executable; args may be bytes (file names that are not UTF-8)."""
     kw.setdefault("stdout", subprocess.PIPE)
     kw.setdefault("stderr", subprocess.PIPE)
     argv = [*(prefix or []), *FPE, *(a if isinstance(a, bytes) else str(a) for a in args)]
-    return subprocess.run(argv, cwd=cwd, env=env or _env(), timeout=timeout, **kw)
+    return subprocess.run(argv, cwd=cwd, env=env or subprocess_env(), timeout=timeout, **kw)
 
 
 def _text(data) -> str:
@@ -74,22 +67,8 @@ def one_error_line(proc: subprocess.CompletedProcess, code: int, *needles: str, 
     return lines[0]
 
 
-def temp_files(where: Path) -> list[str]:
-    return sorted(p.name for p in Path(where).rglob("*") if p.name.endswith(".tmp"))
-
-
 def entries(where: Path) -> list[str]:
     return sorted(str(p.relative_to(where)) for p in Path(where).rglob("*"))
-
-
-def wait_until(proc: subprocess.Popen, ready, timeout: float = 90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        seen = ready()
-        if seen:
-            return seen
-        time.sleep(0.0002)
-    raise AssertionError(f"the process finished before the moment to act on came: {proc.communicate()}")
 
 
 def _default_signals() -> None:
@@ -352,12 +331,12 @@ def test_unreadable_input_and_a_readable_model_in_an_unwritable_directory(tmp_pa
 def test_non_utf8_file_names_under_c_and_ascii_locales(tmp_path, inputs, env):
     src = os.fsencode(tmp_path) + b"/m\xe9.safetensors"
     shutil.copyfile(inputs / "m.safetensors", src)
-    proc = fpe(["expand", b"m\xe9.safetensors", "--alpha", "2", "--json"], tmp_path, env=_env(**env))
+    proc = fpe(["expand", b"m\xe9.safetensors", "--alpha", "2", "--json"], tmp_path, env=subprocess_env(**env))
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)  # one ASCII document; the name escaped, not an encoding error
     assert doc["output"].encode("utf-8", "surrogateescape") == b"m\xe9.fpe2.safetensors"
     assert os.path.isfile(os.fsencode(tmp_path) + b"/m\xe9.fpe2.safetensors")
-    one_error_line(fpe(["params", b"n\xe9.safetensors"], tmp_path, env=_env(**env)), 2)  # missing: one line
+    one_error_line(fpe(["params", b"n\xe9.safetensors"], tmp_path, env=subprocess_env(**env)), 2)  # missing: one line
     assert temp_files(tmp_path) == []
 
 
@@ -417,7 +396,7 @@ def test_two_finetunes_with_the_same_output_do_not_share_a_resume_state(tmp_path
     base = ["finetune", "m.safetensors", "--data", "digits.npz", "--epochs", "25", "--checkpoint-every", "1", "-q",
             "-o", "ft.safetensors"]
     procs = [subprocess.Popen([sys.executable, "-c", SAME_MOMENT, *base, "--lr", lr], cwd=tmp_path,
-                              env=_env(QA_DIR=str(sync)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=subprocess_env(QA_DIR=str(sync)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for lr in ("0.001", "0.0005")]
     from safetensors import safe_open
     seen = set()
@@ -448,7 +427,7 @@ def test_a_signal_mid_write_with_force_keeps_the_old_output_and_leaves_no_temp_f
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"the previous result")
     proc = subprocess.Popen([*FPE, "expand", "big.safetensors", "--alpha", "4", "--layout", "dense", "--probe-samples",
-                             "0", "--force", "-o", out.name, "--json"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                             "0", "--force", "-o", out.name, "--json"], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
     wait_until(proc, lambda: [n for n in temp_files(tmp_path) if (tmp_path / n).stat().st_size > 0])
     proc.send_signal(sig)
@@ -463,7 +442,7 @@ def test_a_signal_mid_write_with_force_keeps_the_old_output_and_leaves_no_temp_f
 
 def _sh(script: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
     """A shell line with "$@" = the fpe command (pipes and redirections as scripts write them)."""
-    return subprocess.run(["sh", "-c", script, "sh", *FPE], cwd=cwd, env=_env(), capture_output=True, text=True,
+    return subprocess.run(["sh", "-c", script, "sh", *FPE], cwd=cwd, env=subprocess_env(), capture_output=True, text=True,
                           timeout=120, **kw)
 
 
@@ -491,7 +470,7 @@ def test_stdout_on_dev_full_error_says_it_is_stdout(tmp_path, inputs):
 
 def _reader_goes_away(args, cwd: Path, read: int) -> subprocess.CompletedProcess:
     """`fpe ARGS | head -c READ` (READ 0: `| false`): the reader takes READ bytes, then closes the pipe."""
-    proc = subprocess.Popen([*FPE, *map(str, args)], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*FPE, *map(str, args)], cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     if read:
         proc.stdout.read(read)
@@ -579,6 +558,6 @@ def test_a_table_on_a_full_stdout_says_standard_output(tmp_path, inputs):
         pytest.skip("no /dev/full")
     _copy(inputs, tmp_path, "m.safetensors")
     with open("/dev/full", "w") as full:
-        proc = subprocess.run([*FPE, "params", "m.safetensors"], cwd=tmp_path, env=_env(), stdout=full,
+        proc = subprocess.run([*FPE, "params", "m.safetensors"], cwd=tmp_path, env=subprocess_env(), stdout=full,
                               stderr=subprocess.PIPE, text=True, timeout=120)
     one_error_line(proc, 1, "standard output: No space left on device")

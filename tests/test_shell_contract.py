@@ -21,7 +21,6 @@ Covered here (beyond the corpus, adversarial and reliability suites):
 from __future__ import annotations
 
 import fcntl
-import functools
 import json
 import os
 import pty
@@ -34,7 +33,6 @@ import subprocess
 import sys
 import termios
 import textwrap
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,7 +41,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import assert_one_error_line, listing, run_cli, save_mlp
+from conftest import assert_one_error_line, listing, run_cli, save_mlp, subprocess_env, temp_files, wait_until
 
 _EXE = Path(sys.executable).parent / "fpe"
 FPE = [str(_EXE)] if _EXE.exists() else [sys.executable, "-m", "fpe_cli"]
@@ -51,13 +49,6 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "FPE_DEBUG"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # 2 shared cores: keep each process to one
-    env.update(extra)
-    return env
 
 
 def _default_sigint() -> None:
@@ -69,7 +60,7 @@ def fpe(args, cwd: Path, *, env: dict | None = None, timeout: float = 120, **kw)
     """Run the real `fpe` executable; stdout and stderr captured as text."""
     kw.setdefault("stdout", subprocess.PIPE)
     kw.setdefault("stderr", subprocess.PIPE)
-    return subprocess.run([*FPE, *map(str, args)], cwd=cwd, env=env or _env(), timeout=timeout, text=True, **kw)
+    return subprocess.run([*FPE, *map(str, args)], cwd=cwd, env=env or subprocess_env(), timeout=timeout, text=True, **kw)
 
 
 def check_contract(proc: subprocess.CompletedProcess, code: int, *, json_out: bool, label: str = "") -> dict | None:
@@ -93,26 +84,11 @@ def check_contract(proc: subprocess.CompletedProcess, code: int, *, json_out: bo
     return None
 
 
-def temp_files(where: Path) -> list[str]:
-    return sorted(p.name for p in Path(where).rglob("*") if p.name.endswith(".tmp"))
-
-
-def wait_until(proc: subprocess.Popen, ready, timeout: float = 90):
-    """Poll `ready()` every 0.2 ms until it returns something truthy (the process must still run)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        seen = ready()
-        if seen:
-            return seen
-        time.sleep(0.0002)
-    raise AssertionError(f"the process finished before the moment to act on came: {proc.communicate()}")
-
-
 def on_terminal(args, cwd: Path, columns: int) -> tuple[int, str]:
     """Run fpe with stdin, stdout and stderr on a pseudo-terminal of `columns` columns."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
-    proc = subprocess.Popen([*FPE, *map(str, args)], cwd=cwd, env=_env(COLUMNS=str(columns), TERM="xterm"),
+    proc = subprocess.Popen([*FPE, *map(str, args)], cwd=cwd, env=subprocess_env(COLUMNS=str(columns), TERM="xterm"),
                             stdin=slave, stdout=slave, stderr=slave)
     os.close(slave)
     chunks = []
@@ -260,7 +236,7 @@ def test_expand_quiet_with_stdout_closed_still_writes_its_output(tmp_path, files
     (AttributeError: 'NoneType' object has no attribute 'isatty', cli/common.py) and writes nothing."""
     _copy(files, tmp_path, "m.safetensors")
     proc = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", *FPE, "expand", "m.safetensors", "--alpha", "2", "-q",
-                           "-o", "out.safetensors"], cwd=tmp_path, env=_env(), stderr=subprocess.PIPE, text=True,
+                           "-o", "out.safetensors"], cwd=tmp_path, env=subprocess_env(), stderr=subprocess.PIPE, text=True,
                           timeout=120)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 0, proc.stderr
@@ -272,7 +248,7 @@ def test_json_with_stdout_closed_is_one_error_line_not_a_traceback(tmp_path, fil
     `Error:` line. BUG: a 10-line traceback from cli/common.py (sys.stdout is None)."""
     _copy(files, tmp_path, "m.fpe2.safetensors")
     proc = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", *FPE, "params", "m.fpe2.safetensors", "--json"],
-                          cwd=tmp_path, env=_env(), stderr=subprocess.PIPE, text=True, timeout=120)
+                          cwd=tmp_path, env=subprocess_env(), stderr=subprocess.PIPE, text=True, timeout=120)
     check_contract(subprocess.CompletedProcess(proc.args, proc.returncode, "", proc.stderr), 1, json_out=True,
                    label="params --json >&-")
 
@@ -282,7 +258,7 @@ def test_json_with_stderr_closed_still_prints_the_document(tmp_path, files):
     BUG: exit 1 and an empty stdout (the crash at import has nowhere to go)."""
     _copy(files, tmp_path, "m.fpe2.safetensors")
     proc = subprocess.run(["sh", "-c", 'exec "$@" 2>&-', "sh", *FPE, "params", "m.fpe2.safetensors", "--json"],
-                          cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, text=True, timeout=120)
+                          cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, text=True, timeout=120)
     assert proc.returncode == 0, (proc.returncode, proc.stdout)
     assert json.loads(proc.stdout)["total"]["weights"] == 120
 
@@ -292,7 +268,7 @@ def _into_closed_pipe(args, cwd: Path) -> subprocess.CompletedProcess:
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        return subprocess.run([*FPE, *map(str, args)], cwd=cwd, env=_env(), stdout=write_end, stderr=subprocess.PIPE,
+        return subprocess.run([*FPE, *map(str, args)], cwd=cwd, env=subprocess_env(), stdout=write_end, stderr=subprocess.PIPE,
                               text=True, timeout=120)
     finally:
         os.close(write_end)
@@ -357,7 +333,7 @@ def test_a_20_column_terminal_and_dumb_settings_do_not_crash(tmp_path, files):
     _copy(files, tmp_path, "m.fpe2.safetensors")
     code, text = on_terminal(["verify", "m.fpe2.safetensors"], tmp_path, columns=20)
     assert code == 0 and "Traceback" not in text, text
-    proc = fpe(["params", "m.fpe2.safetensors"], tmp_path, env=_env(NO_COLOR="1", TERM="dumb", COLUMNS="20"))
+    proc = fpe(["params", "m.fpe2.safetensors"], tmp_path, env=subprocess_env(NO_COLOR="1", TERM="dumb", COLUMNS="20"))
     assert proc.returncode == 0 and "\x1b[" not in proc.stdout + proc.stderr, proc.stdout
     assert all(f"{n}" in proc.stdout for n in ("120", "81", "39")), proc.stdout  # not a TTY: full width
 
@@ -368,7 +344,7 @@ def test_c_locale_with_spaces_and_unicode_in_paths(tmp_path, files):
     where = tmp_path / "run dir" / "mödels ü"
     where.mkdir(parents=True)
     shutil.copyfile(files / "m.safetensors", where / "mödel ü.safetensors")
-    env = _env(LANG="C", LC_ALL="C", TMPDIR=str(tmp_path / "no-such-tmp"))
+    env = subprocess_env(LANG="C", LC_ALL="C", TMPDIR=str(tmp_path / "no-such-tmp"))
     env.pop("HOME", None)
     rel = Path("mödels ü") / "mödel ü.safetensors"
     proc = fpe(["expand", rel, "--alpha", "2", "--json"], tmp_path / "run dir", env=env, stdin=subprocess.DEVNULL)
@@ -458,7 +434,7 @@ def test_an_output_created_while_expand_runs_is_not_overwritten(tmp_path, big):
     shutil.copyfile(big, tmp_path / "big.safetensors")
     out = tmp_path / "out.safetensors"
     proc = subprocess.Popen([*FPE, "expand", "big.safetensors", "--alpha", "4", "--layout", "dense", "--probe-samples",
-                             "0", "-q", "-o", out.name], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                             "0", "-q", "-o", out.name], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     wait_until(proc, lambda: temp_files(tmp_path))  # fpe checked the path and started writing
     theirs = b"another job's result, written while fpe was busy"
@@ -474,7 +450,7 @@ def test_sigint_mid_write_leaves_no_output_and_no_temp_file(tmp_path, big):
     and no temp file; the input untouched."""
     shutil.copyfile(big, tmp_path / "big.safetensors")
     proc = subprocess.Popen([*FPE, "expand", "big.safetensors", "--alpha", "4", "--layout", "dense", "--probe-samples",
-                             "0", "-o", "out.safetensors", "--json"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                             "0", "-o", "out.safetensors", "--json"], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     wait_until(proc, lambda: [n for n in temp_files(tmp_path) if (tmp_path / n).stat().st_size > 0])
     proc.send_signal(signal.SIGINT)
@@ -510,7 +486,7 @@ def test_a_signal_while_arguments_are_dispatched_is_exit_130_with_one_error_line
     silently (typer/core.py _main), and cli/__init__.py main() returns the code without a message."""
     _copy(files, tmp_path, "m.fpe2.safetensors")
     proc = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_DISPATCHING, "params", "m.fpe2.safetensors", "--json"],
-                          cwd=tmp_path, env=_env(QA_SIGNAL=sig), capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=subprocess_env(QA_SIGNAL=sig), capture_output=True, text=True, timeout=120,
                           preexec_fn=_default_sigint)
     check_contract(proc, 130, json_out=True, label=sig)
     assert proc.stderr.strip() == "Error: interrupted"
@@ -542,7 +518,7 @@ def test_a_signal_during_startup_imports_is_exit_130_with_one_error_line(tmp_pat
     kills the process by signal (rc -15) instead of exit 130 with `Error: interrupted`."""
     _copy(files, tmp_path, "m.fpe2.safetensors")
     proc = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_IMPORTING, "params", "m.fpe2.safetensors", "--json"],
-                          cwd=tmp_path, env=_env(QA_SIGNAL=sig), capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=subprocess_env(QA_SIGNAL=sig), capture_output=True, text=True, timeout=120,
                           preexec_fn=_default_sigint)
     check_contract(proc, 130, json_out=True, label=sig)
     assert proc.stderr.strip() == "Error: interrupted"
@@ -614,7 +590,7 @@ def test_a_name_the_output_encoding_cannot_show_is_escaped_not_an_internal_error
     """PYTHONIOENCODING=ascii (or a C locale on an old Python) and a model named modèle: the table prints
     the name escaped and exits 0; --json stays valid JSON that decodes to the real name."""
     model = save_mlp(tmp_path / "modèle.safetensors", [12, 8, 3])
-    proc = fpe(["params", model.name, *(["--json"] if json_out else [])], tmp_path, env=_env(PYTHONIOENCODING="ascii"))
+    proc = fpe(["params", model.name, *(["--json"] if json_out else [])], tmp_path, env=subprocess_env(PYTHONIOENCODING="ascii"))
     doc = check_contract(proc, 0, json_out=json_out, label="ascii output")
     if json_out:
         assert doc["model"].endswith("modèle.safetensors")
