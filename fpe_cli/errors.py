@@ -22,6 +22,10 @@ class FPEError(Exception):
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 
 
+class OutputExistsError(FPEError):
+    """An output is already there (before the work, or it appeared while fpe worked) and --force was not given."""
+
+
 class VerificationError(FPEError):
     """An FPE invariant does not hold (budget, disjointness, mask). Exit code 3."""
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import FPEError
+from .errors import FPEError, OutputExistsError
 
 _STAGED: list[list] | None = None  # inside outputs_together(): finished temp files waiting to be published
 
@@ -51,7 +51,7 @@ def _publish_all(staged: list[list]) -> None:
         for tmp, path, force, prefix in staged:
             if not force:
                 with _named(path, prefix):
-                    _publish(tmp, path, force, keep_temp=True)
+                    _publish(tmp, path, False, keep_temp=True)
                 linked.append(path)
     except BaseException:
         for path in linked:
@@ -121,7 +121,8 @@ def _publish(tmp: Path, path: Path, force: bool, keep_temp: bool = False) -> Non
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise FPEError(f"{path}: output exists (it appeared while fpe was working)", "pass --force to overwrite") from None
+        raise OutputExistsError(f"{path}: output exists (it appeared while fpe was working)",
+                                "pass --force to overwrite") from None
     except OSError:  # no hard links here (EPERM, ENOTSUP, ...): the check made before the work stands
         check_writable(path)
         os.replace(tmp, path)  # the temp name goes too (outputs_together's unlink then finds nothing)
@@ -190,4 +191,4 @@ def check_writable(path: Path, *, force: bool = False, inputs: tuple[Path, ...] 
     if path.exists() and not path.is_file():  # a FIFO, socket or device node: --force must not replace it
         raise FPEError(f"{path}: output path exists and is not a regular file", "choose a plain file path")
     if path.exists() and not force:
-        raise FPEError(f"{path}: output exists", "pass --force to overwrite")
+        raise OutputExistsError(f"{path}: output exists", "pass --force to overwrite")

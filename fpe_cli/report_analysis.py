@@ -143,8 +143,8 @@ def analyze_files(paths: list[Path], data: str | None = None, top: int = 10, lay
                          "did not come from")
     probe = None
     if data is not None:
-        probe, label_notes = load_probe(data, ckpts[0].mlp.layers[0].in_features, samples)
-        notes += label_notes
+        probe, probe_notes = load_probe(data, ckpts[0].mlp.layers[0].in_features, samples)
+        notes += probe_notes
     ticker = _Ticker(progress)
     batches = -(-probe.x.shape[0] // A.BATCH) if probe else 0
     ticker.start(sum(A.work_units(c.mlp, chunk) + batches for c in ckpts))

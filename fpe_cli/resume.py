@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import JSON_ERRORS, FPEError
+from .errors import JSON_ERRORS, FPEError, OutputExistsError
 from .model import MLP
 from .stfile import read_safetensors, write_safetensors
 
@@ -69,9 +69,7 @@ def save_state(path: Path, module: MaskedMLP, optimizer: torch.optim.Optimizer, 
         sort_keys=True)}
     try:
         write_safetensors(path, tensors, meta, force=replace)
-    except FPEError as exc:
-        if replace or "output exists" not in exc.message:  # the state is there, or appeared while writing it
-            raise
+    except OutputExistsError:  # only without replace: the state is there, or appeared while it was written
         raise FPEError(f"{path}: another fpe run started writing this resume state (the same -o) while this one "
                        "trained; stopped without touching it", "run one job per output, or give each its own -o") from None
 
