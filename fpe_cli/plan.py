@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .analysis import polysemanticity
@@ -79,11 +80,27 @@ def check_alpha(alpha: int, support: torch.Tensor, key: str) -> None:
 
 
 def _rank_within_rows(keys: torch.Tensor) -> torch.Tensor:
-    """rank[i, j] = position of keys[i, j] in row i sorted ascending (stable)."""
-    order = torch.argsort(keys, dim=1, stable=True)  # (rows, d)
+    """rank[i, j] = position of keys[i, j] (non-negative floats) in row i sorted ascending (stable)."""
+    order = stable_row_order(keys)  # (rows, d)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(keys.shape[1]).expand_as(order).contiguous())
     return rank
+
+
+def stable_row_order(keys: torch.Tensor) -> torch.Tensor:
+    """(r, d) non-negative float32 keys -> int64 (r, d): each row's stable ascending argsort.
+
+    Non-negative floats order like their int32 bit patterns (< 2**31), so the key bits shifted left with
+    the column index in the low bits are distinct integers that order exactly like (key, column): an
+    unstable sort of them gives the stable argsort, and the index is read back from the low bits.
+    numpy's integer sort (SIMD where the CPU has it) is about 10x faster than torch's stable argsort.
+    """
+    d = keys.shape[1]
+    shift = max(1, (d - 1).bit_length())
+    combined = (keys.contiguous().view(torch.int32).numpy().astype(np.int64) << shift) | np.arange(d, dtype=np.int64)
+    combined.sort(axis=1)
+    combined &= (1 << shift) - 1
+    return torch.from_numpy(combined)
 
 
 def plan_random(support: torch.Tensor, alpha: int, generator: torch.Generator) -> torch.Tensor:
@@ -95,9 +112,7 @@ def plan_random(support: torch.Tensor, alpha: int, generator: torch.Generator) -
         sup = support[start:start + ROW_CHUNK]  # (r, d)
         keys = torch.rand(sup.shape, generator=generator)
         keys[~sup] = 2.0  # non-edges sort last
-        # (r, d): edges in random order, then non-edges. Non-negative floats sort like their int32 bit
-        # patterns, and the integer sort is faster; same order, ties included (stable).
-        order = torch.argsort(keys.view(torch.int32), dim=1, stable=True)
+        order = stable_row_order(keys)  # (r, d): edges in random order (ties by column), then non-edges
         n = sup.sum(dim=1, keepdim=True)  # (r, 1)
         owner = torch.where(position < n, position * alpha // n.clamp(min=1), -1).to(torch.int16)  # by place
         child[start:start + ROW_CHUNK].scatter_(1, order, owner)

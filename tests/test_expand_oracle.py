@@ -18,7 +18,7 @@ from fpe_cli.checkpoint import load_checkpoint, save_checkpoint
 from fpe_cli.errors import FPEError
 from fpe_cli.expand import Target, copy_columns, expand_mlp, prune_to_budget, split_rows, PlanInputs
 from fpe_cli.model import MLP, Layer, forward
-from fpe_cli.plan import LayerPlan, plan_layer, validate_layer_plan
+from fpe_cli.plan import LayerPlan, plan_layer, plan_random, stable_row_order, validate_layer_plan
 from fpe_cli.verify import check_invariants
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -321,6 +321,34 @@ def test_different_seeds_give_different_random_plans():
             assert not torch.equal(plans[a], plans[b])
     again = expand_mlp(src, [Target(0, 4, "random")], seed=2).plan.layers[0].child
     assert torch.equal(again, plans[2])
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(1, 300), levels=st.sampled_from([2, 7, 1 << 24]),
+       seed=st.integers(0, 2**31 - 1))
+def test_stable_row_order_is_torch_stable_argsort(rows, cols, levels, seed):
+    """The integer-sort trick behind the random split equals torch's stable argsort, ties included
+    (few distinct key levels force many ties; 2.0 is what non-edges get)."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randint(0, levels, (rows, cols), generator=g).to(torch.float32) / levels
+    keys[torch.rand(rows, cols, generator=g) < 0.2] = 2.0
+    assert torch.equal(stable_row_order(keys), torch.argsort(keys, dim=1, stable=True))
+
+
+def test_random_plan_is_a_random_permutation_cut_in_alpha_parts():
+    """plan_random against its definition written out: per row, a stable argsort of the generator's keys
+    (non-edges last), the k-th edge in that order goes to child k * alpha // n."""
+    g = torch.Generator().manual_seed(3)
+    support = torch.rand(40, 23, generator=g) < 0.7
+    got = plan_random(support, 3, torch.Generator().manual_seed(11))
+    gen = torch.Generator().manual_seed(11)
+    keys = torch.rand(support.shape, generator=gen)  # one chunk: 40 rows < ROW_CHUNK
+    keys[~support] = 2.0
+    for i in range(support.shape[0]):
+        n = int(support[i].sum())
+        order = sorted(range(support.shape[1]), key=lambda j: (float(keys[i, j]), j))
+        for place, j in enumerate(order):
+            assert int(got[i, j]) == (place * 3 // n if place < n else -1)
 
 
 def test_alpha_larger_than_edges_is_refused_not_silent():
