@@ -255,13 +255,28 @@ def load_checkpoint(path: Path, layers: list[str] | None = None, activation: str
                            "name the layers with --layers")
     chain, unused = discover_layers(tensors, layers)
     for layer in chain:
-        if layer.weight.dtype not in FLOAT_DTYPES:
-            raise FPEError(f"{layer.weight_key}: weights must be floating point, found {layer.weight.dtype}")
+        refuse_weight_dtype(layer.weight_key, layer.weight.dtype)
+        if layer.bias is not None:
+            refuse_weight_dtype(layer.bias_key, layer.bias.dtype, "biases")
     _attach_masks_and_lineage(chain, tensors, masks)
     _attach_ties(chain, tied)
     act, act_source = _resolve_activation(metadata, activation)
     unused = [u for u in unused if not u.startswith(FPE_PREFIX)]
     return Checkpoint(MLP(chain, act, dict(metadata)), layout, path, digest.hexdigest(), metadata, sizes, unused, act_source)
+
+
+def refuse_weight_dtype(key: str, dtype: torch.dtype, what: str = "weights") -> None:
+    """The chain's weights and biases must be float16, bfloat16, float32 or float64: fpe ranks, splits and runs them."""
+    if dtype in FLOAT_DTYPES:
+        return
+    readable = "float16, bfloat16, float32 or float64"
+    if dtype.is_complex:
+        raise FPEError(f"{key}: complex {what} ({dtype}) are not supported (fpe reads real {readable} {what})")
+    if dtype.is_floating_point:  # float8: quantized storage
+        raise FPEError(f"{key}: {dtype} {what} are not supported (fpe reads {readable} {what})",
+                       "dequantize first: save w.to(torch.float32) (times its scale, if the file keeps one)")
+    raise FPEError(f"{key}: {what} must be floating point ({readable}), found {dtype}",
+                   "a quantized checkpoint? save the dequantized float tensors")
 
 
 def check_finite(mlp: MLP) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -28,6 +29,15 @@ DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }
+# the other dtypes safetensors writes (quantization scales, token ids, float8 weights), read where this
+# torch has them: a file holding them beside its MLP is a valid file (the chain's own dtypes are checked
+# when the MLP is read)
+DTYPES |= {name: getattr(torch, attr) for name, attr in (
+    ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"),
+    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu"),
+) if hasattr(torch, attr)}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -134,7 +144,20 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _refuse_unknown_dtypes(path: Path, header: dict) -> None:
+    """A dtype name fpe does not know (a newer safetensors' F4, say) is not corruption: say which tensor."""
+    unknown = {name: entry["dtype"] for name, entry in header.items()
+               if isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] not in DTYPES
+               and re.fullmatch(r"[A-Z][A-Z0-9_]{0,15}", entry["dtype"])}
+    if unknown:
+        name = next(iter(unknown))
+        more = f" (and {len(unknown) - 1} more tensor(s))" if len(unknown) > 1 else ""
+        raise FPEError(f"{path}: tensor {name!r} has dtype {unknown[name]}, which fpe cannot read{more}; it reads "
+                       f"{', '.join(DTYPES)}", "save that tensor in one of those dtypes, or leave it out of the file")
+
+
 def _validate_entries(path: Path, header: dict, data_len: int) -> None:
+    _refuse_unknown_dtypes(path, header)
     problems, spans, needed = [], [], 0
     for name, entry in header.items():
         if not name:

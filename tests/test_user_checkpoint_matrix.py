@@ -339,6 +339,28 @@ def b_torch_save(p):
     torch.save(FC3().state_dict(), str(p))
 
 
+def b_newer_dtype_extras(p):  # quantization scales and id buffers in the dtypes newer safetensors writes
+    save_file(sd(FC3()) | {"act_scale": torch.ones(4).to(torch.float8_e4m3fn), "token_ids": torch.arange(5).to(torch.uint16),
+                           "offsets": torch.zeros(2, dtype=torch.uint32), "hash": torch.zeros(1, dtype=torch.uint64),
+                           "grad_scale": torch.ones(1).to(torch.float8_e5m2)}, str(p))
+
+
+def b_float8_weights(p):  # an fp8-quantized checkpoint: the weights themselves are float8
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in sd(FC3()).items()}, str(p))
+
+
+def b_int8_weights(p):
+    save_file({k: (v * 127).round().to(torch.int8) for k, v in sd(FC3()).items()}, str(p))
+
+
+def b_float8_bias(p):  # float32 weights, one bias stored in float8
+    save_file(sd(FC3()) | {"fc1.bias": FC3().fc1.bias.detach().to(torch.float8_e4m3fn)}, str(p))
+
+
+def b_uint16_bias(p):
+    save_file(sd(FC3()) | {"fc2.bias": torch.arange(6).to(torch.uint16)}, str(p))
+
+
 # ---------------------------------------------------------------- the matrix
 
 
@@ -404,6 +426,8 @@ OK_CASES = [
     Case("loss_module_weights_and_scalars", b_loss_module_and_scalars, ["net.0.weight", "net.2.weight"],
          unused=("bce.pos_weight", "global_step", "loss.weight", "temperature")),
     Case("mixed_dtypes_per_layer", b_mixed_dtypes, FC),
+    Case("float8_and_unsigned_extras", b_newer_dtype_extras, FC,
+         unused=("act_scale", "grad_scale", "hash", "offsets", "token_ids")),
 ]
 
 REFUSED_CASES = [
@@ -424,6 +448,10 @@ REFUSED_CASES = [
     Case("single_linear_no_hidden_layer", b_single_linear, refuse=("hidden",), refuse_cmd="expand"),
     Case("bias_saved_as_row_vector", b_bias_row_vector, refuse=("b1", "1-D")),
     Case("torch_save_pickle", b_torch_save, refuse=("pickle",), filename="model.pt"),
+    Case("float8_weights", b_float8_weights, refuse=("fc1.weight", "float8_e4m3fn", "dequantize")),
+    Case("int8_weights", b_int8_weights, refuse=("fc1.weight", "floating point", "int8")),
+    Case("float8_bias", b_float8_bias, refuse=("fc1.bias", "float8_e4m3fn", "dequantize")),
+    Case("uint16_bias", b_uint16_bias, refuse=("fc2.bias", "floating point", "uint16")),
 ]
 
 assert len({c.id for c in OK_CASES + REFUSED_CASES}) == len(OK_CASES + REFUSED_CASES) >= 25

@@ -174,8 +174,10 @@ def _container_cases(b: _Builder) -> None:
           ["0.bias", "bad data_offsets"])
     b.add("offsets_wrong_length", b.edit_header("plain.safetensors", lambda h: h["0.weight"].update(shape=[6, 5])),
           ["0.weight", "bytes for shape"])
-    b.add("dtype_unknown", b.edit_header("plain.safetensors", lambda h: h["0.weight"].update(dtype="F8_E4M3")),
-          ["0.weight", "unsupported dtype"])
+    b.add("dtype_unknown", b.edit_header("plain.safetensors", lambda h: h["0.weight"].update(dtype="F4")),
+          ["0.weight", "dtype F4", "cannot read"])
+    b.add("dtype_float8_wrong_size", b.edit_header("plain.safetensors", lambda h: h["0.weight"].update(dtype="F8_E4M3")),
+          ["0.weight", "bytes for shape"])  # float8 is read, so 4 bytes per entry are a corrupt size
     b.add("dtype_not_a_string", b.edit_header("plain.safetensors", lambda h: h["0.weight"].update(dtype=["F32"])),
           ["0.weight", "dtype"])
     b.add("shape_negative", b.edit_header("plain.safetensors", lambda h: h["0.weight"].update(shape=[-6, -6])),
