@@ -25,7 +25,7 @@ import hashlib
 import torch
 
 from .errors import FPEError
-from .model import MLP, Layer, first_of_groups, forward, hidden_activations, sibling_sum
+from .model import MLP, Layer, count_true, empty_rows, first_of_groups, forward, hidden_activations, sibling_sum
 from .plan import LayerPlan, SplitPlan, plan_layer, validate_layer_plan
 
 OUTGOING = ("copy", "split", "tie")
@@ -177,7 +177,7 @@ def _magnitude_bits(origin: Origin, key: _Key):
         for r in _row_chunks(rows, cols):
             w, m = origin.weight[r][:, columns], origin.mask[r][:, columns]
             bits = w.abs().to(key.float_dtype).view(key.int_dtype)
-            yield torch.where(m, bits, key.not_a_weight).view(-1), copies, m.numel() - int(torch.count_nonzero(m))
+            yield torch.where(m, bits, key.not_a_weight).view(-1), copies, m.numel() - count_true(m)
 
 
 def _histogram(origins: list[Origin], key: _Key, select) -> tuple[torch.Tensor, int]:
@@ -222,7 +222,7 @@ def _prune_layer(layer: Layer, threshold: float, ties_to_prune: int) -> tuple[in
     """Prune |w| < threshold, then the first `ties_to_prune` |w| == threshold; returns (pruned, ties left).
 
     Magnitudes are compared in float64 (exact for every float dtype, and a Python float threshold is one)."""
-    before = int(torch.count_nonzero(layer.mask))
+    before = count_true(layer.mask)
     limit = torch.tensor(threshold, dtype=torch.float64)
     for rows in _row_chunks(layer.out_features, layer.in_features):
         w, mask = layer.weight[rows], layer.mask[rows]
@@ -238,7 +238,7 @@ def _prune_layer(layer: Layer, threshold: float, ties_to_prune: int) -> tuple[in
         drop = mask & ~keep
         mask &= keep  # views: edit the layer in place
         w.masked_fill_(drop, 0)
-    return before - int(torch.count_nonzero(layer.mask)), ties_to_prune
+    return before - count_true(layer.mask), ties_to_prune
 
 
 def prune_to_budget(layers: list[Layer], budget: int, origins: list[Origin] | None = None) -> list[int]:
@@ -248,7 +248,7 @@ def prune_to_budget(layers: list[Layer], budget: int, origins: list[Origin] | No
     `origins` (one per layer, optional) let the threshold be selected on source-sized tensors.
     Returns the number pruned per layer. Mutates the layers' masks and weights in place.
     """
-    excess = sum(int(torch.count_nonzero(layer.mask)) for layer in layers) - budget
+    excess = sum(count_true(layer.mask) for layer in layers) - budget
     if excess <= 0:
         return [0] * len(layers)
     threshold, below = _select_threshold(origins or [Origin.of(layer) for layer in layers], excess)
@@ -309,7 +309,7 @@ def expand_mlp(mlp: MLP, targets: list[Target], *, seed: int = 0, outgoing: str 
     prune = prune and outgoing != "tie"
     pruned = prune_to_budget(work.layers, budget, origins) if prune else [0] * len(work.layers)
     after = [layer.active_weights() for layer in work.layers]
-    dead = [int((~layer.mask.any(dim=1)).sum()) for layer in work.layers]
+    dead = [empty_rows(layer.mask) for layer in work.layers]
     return ExpandResult(work, SplitPlan(plans, seed), budget, before, after, pruned, dead)
 
 
