@@ -7,7 +7,12 @@ For a random d -> h -> d float32 MLP, measured in one run on this machine:
   - where fpe's time goes: read (+ sha256), check (finite), expand (plan, split, copy, prune),
            drift (dense and expanded forward on 256 probes), write (pack + atomic write), each / floor;
   - peak RSS of a subprocess that runs the expansion, against one that only imports fpe, and
-    relative to the size of the dense-layout output.
+    relative to the size of the dense-layout output;
+  - a lower bound: the floor plus the work `fpe expand` cannot skip, each timed alone in this run
+    (reading and hashing the input, whose sha256 the output records, and the drift's two forward
+    passes, the dense model's and the expanded model's, which has as many non-zero weights and so
+    needs at least the dense model's arithmetic). No implementation of the command on this machine
+    can be faster than it; it is what a target below it runs into.
 Ratios are what to compare across machines; absolute times vary.
 
     python benchmarks/bench_expand.py                 # 2048 -> 8192 -> 2048, alpha 4
@@ -18,6 +23,7 @@ Ratios are what to compare across machines; absolute times vary.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -61,6 +67,35 @@ def timed(fn, repeat: int = 3) -> float:
     return best
 
 
+def required_work(src: Path, probe_samples: int, repeat: int) -> dict[str, float]:
+    """The work `fpe expand` must do beyond the floor, each part timed alone (best of `repeat`): read and
+    sha256 the input, and the drift's dense forward pass twice (the expanded model's forward has as many
+    non-zero weights, so at least the same arithmetic)."""
+    import torch
+    from safetensors.torch import load_file
+
+    def read_and_hash():
+        digest = hashlib.sha256()
+        with open(src, "rb") as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
+
+    tensors = load_file(str(src))
+    weights = [tensors[k] for k in sorted((k for k in tensors if k.endswith(".weight")), key=lambda k: int(k.split(".")[0]))]
+    x = torch.randn(probe_samples, weights[0].shape[1])
+
+    def dense_forward():
+        h = x
+        for i, w in enumerate(weights):
+            h = h @ w.T
+            h = torch.relu(h) if i < len(weights) - 1 else h
+
+    out = {"read_sha256": timed(read_and_hash, repeat)}
+    if probe_samples:
+        out["drift_two_dense_forwards"] = 2 * timed(dense_forward, repeat)
+    return out
+
+
 def peak_rss(*args: str) -> int:
     out = subprocess.run([sys.executable, "-c", CHILD, *args], check=True, capture_output=True, text=True)
     return int(out.stdout.strip().splitlines()[-1])
@@ -83,6 +118,7 @@ def run(d: int, h: int, alpha: int, repeat: int, depth: int = 1, probe_samples: 
         fpe_s = min(fpe_s, timed(lambda: expand_file(opts, timings=runs.append({}) or runs[-1]), 1))
         floor_s = min(floor_s, timed(lambda: (load_file(str(src)), save_file(out_tensors, str(floor_out))), 1))
     phases = min(runs, key=lambda t: sum(t.values()))  # the phases of the fastest run
+    required_s = required_work(src, probe_samples, repeat)
     env = dict(os.environ)
     cli_s = timed(lambda: subprocess.run([sys.executable, "-m", "fpe_cli", "expand", str(src), "--alpha", str(alpha),
                                           "--probe-samples", str(probe_samples), "-o", str(out), "--force", "-q"],
@@ -100,6 +136,7 @@ def run(d: int, h: int, alpha: int, repeat: int, depth: int = 1, probe_samples: 
         "peak_over_dense_output": peak / dense.stat().st_size,
         "peak_minus_import_over_dense_output": (peak - idle) / dense.stat().st_size,
         "phases_s": phases, "phases_over_floor": {k: v / floor_s for k, v in phases.items()},
+        "required_s": required_s, "lower_bound_over_floor": (floor_s + sum(required_s.values())) / floor_s,
     }
     for p in tmp.iterdir():
         p.unlink()
@@ -125,6 +162,8 @@ def main() -> None:
     print(f"  fpe (in process) / I/O floor : {r['fpe_over_floor']:.1f}x  ({r['fpe_s']:.2f} s vs {r['floor_s']:.2f} s)")
     print(f"  fpe CLI (with imports) / floor: {r['cli_over_floor']:.1f}x")
     print("  phases / floor                : " + ", ".join(f"{k} {v:.1f}x" for k, v in r["phases_over_floor"].items()))
+    print(f"  lower bound / floor           : {r['lower_bound_over_floor']:.1f}x  (floor + "
+          + " + ".join(f"{k} {v / r['floor_s']:.1f}x" for k, v in r["required_s"].items()) + ", each timed alone)")
     print(f"  packed file / dense input     : {r['packed_over_input']:.3f}x")
     print(f"  peak RSS / dense-layout output: {r['peak_over_dense_output']:.2f}x "
           f"({(r['peak_rss_bytes'] - r['import_rss_bytes']) / r['dense_layout_bytes']:.2f}x above the import baseline)")

@@ -359,7 +359,7 @@ def _plan_for(work: MLP, target: Target, plan: SplitPlan | None, generator: torc
         layer_plan = plan_layer(weight, support, target.alpha, target.split, key=producer.weight_key,
                                 generator=generator, groups=inputs.groups, clusters=inputs.clusters,
                                 group_size=inputs.group_size, inputs=calib, top=target.top,
-                                score=scored.weight * scored.support())
+                                score=scored.weight * scored.support() if target.top is not None else None)
         if tied is not None:
             layer_plan.child = layer_plan.child[:, tied]  # each copy goes to the child owning its parent column
         return layer_plan

@@ -67,7 +67,7 @@ def check_alpha_value(alpha: int) -> None:
 def check_alpha(alpha: int, support: torch.Tensor, key: str) -> None:
     """alpha must be a valid value and no parent may have fewer edges than alpha."""
     check_alpha_value(alpha)
-    counts = support.sum(dim=1)
+    counts = edges_per_row(support)
     short = (counts < alpha).nonzero().flatten()
     if short.numel():
         i = int(short[0])
@@ -77,6 +77,21 @@ def check_alpha(alpha: int, support: torch.Tensor, key: str) -> None:
             "expand only the neurons that have enough edges with --expand-top N, lower --alpha, "
             "or leave this layer out with --ignore",
         )
+
+
+def edges_per_row(support: torch.Tensor) -> torch.Tensor:
+    """int64 (h,): True entries per row of a bool (h, d) tensor (numpy's count is several times torch's sum)."""
+    return torch.from_numpy(np.count_nonzero(support.numpy(), axis=1).astype(np.int64))
+
+
+def _owner_by_place(n: torch.Tensor, d: int, alpha: int) -> torch.Tensor:
+    """int16 (r, d): the child owning the edge at each place of a row's random order (place * alpha // n), -1
+    past the row's n edges; rows with the same n share one computed row."""
+    position = torch.arange(d).unsqueeze(0)  # (1, d)
+    values, inverse = torch.unique(n, return_inverse=True)  # at most r distinct counts
+    counts = values.unsqueeze(1)  # (u, 1)
+    rows = torch.where(position < counts, position * alpha // counts.clamp(min=1), -1)  # (u, d)
+    return rows.to(torch.int16)[inverse]
 
 
 def _rank_within_rows(keys: torch.Tensor) -> torch.Tensor:
@@ -107,14 +122,12 @@ def plan_random(support: torch.Tensor, alpha: int, generator: torch.Generator) -
     """Random permutation of each parent's edges cut into alpha parts of sizes differing by <= 1."""
     h, d = support.shape
     child = torch.full((h, d), -1, dtype=torch.int16)
-    position = torch.arange(d).unsqueeze(0)  # (1, d): place in the row's random order
     for start in range(0, h, ROW_CHUNK):
         sup = support[start:start + ROW_CHUNK]  # (r, d)
         keys = torch.rand(sup.shape, generator=generator)
         keys[~sup] = 2.0  # non-edges sort last
         order = stable_row_order(keys)  # (r, d): edges in random order (ties by column), then non-edges
-        n = sup.sum(dim=1, keepdim=True)  # (r, 1)
-        owner = torch.where(position < n, position * alpha // n.clamp(min=1), -1).to(torch.int16)  # by place
+        owner = _owner_by_place(edges_per_row(sup), d, alpha)  # (r, d) by place
         child[start:start + ROW_CHUNK].scatter_(1, order, owner)
     return child
 
