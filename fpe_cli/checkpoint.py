@@ -31,6 +31,7 @@ from .masks import encode_zmask, packed_values, unpack_packed
 from .model import MLP, Layer, activation_fn, effective_weight, first_of_groups
 from .plan import LayerPlan, SplitPlan
 from .verify import non_finite_tensors
+from .shards import refuse_shard
 from .stfile import read_safetensors, write_safetensors
 
 LAYOUTS = ("plain", "dense", "packed")
@@ -238,6 +239,7 @@ def _resolve_activation(metadata: dict[str, str], flag: str | None) -> tuple[str
 def load_checkpoint(path: Path, layers: list[str] | None = None, activation: str | None = None) -> Checkpoint:
     """Read, validate and discover the MLP of any safetensors checkpoint (plain, dense or packed)."""
     path = Path(path)
+    refuse_shard(path)  # before reading: one shard of several is not the model
     digest = hashlib.sha256()
     tensors, metadata = read_safetensors(path, digest)  # hashed as read: the hash is of these very bytes
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}  # stored bytes (as the header says)

@@ -12,14 +12,17 @@ import re
 
 import torch
 
-from .errors import FPEError
+from .errors import ChainNotFoundError, FPEError
 from .model import Layer, check_chain
 from .names import FPE_PREFIX, bias_candidates, family, natural_key  # noqa: F401  (FPE_PREFIX re-exported)
-from .refusals import refuse_flat_weights, refuse_hidden_weights, refuse_norms_inside
+from .refusals import gate_partner, refuse_flat_weights, refuse_gated, refuse_hidden_weights, refuse_norms_inside
 
-def _describe(tensors: dict[str, torch.Tensor]) -> str:
+def _describe(tensors: dict[str, torch.Tensor], limit: int = 12) -> str:
     items = [f"{k} {tuple(v.shape)}" for k, v in sorted(tensors.items(), key=lambda kv: natural_key(kv[0]))]
-    return ", ".join(items[:12]) + (f", ... ({len(items)} tensors)" if len(items) > 12 else "")
+    return ", ".join(items[:limit]) + (f", ... ({len(items)} tensors)" if len(items) > limit else "")
+
+
+LIST_ALL = 100  # 2-D tensors named in a chain-not-found error: every one up to this many (the names for --layers)
 
 
 def weight_candidates(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -37,7 +40,16 @@ def weight_candidates(tensors: dict[str, torch.Tensor]) -> list[str]:
     refuse_flat_weights(tensors, named)
     two_d = [k for k, v in tensors.items() if v.ndim == 2 and v.is_floating_point()]
     biases = {b for k in two_d for b in bias_candidates(k) if b != k}  # `b1` (1, 8) beside `W1` is no layer
-    return sorted(named or [k for k in two_d if k not in biases], key=natural_key)
+    return sorted(_without_empty_buffers(named or [k for k in two_d if k not in biases], tensors), key=natural_key)
+
+
+def _without_empty_buffers(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """An empty 2-D tensor (a buffer of shape (8, 0) beside the MLP) holds no linear layer: it is left out of
+    the candidates, unless it is named like a layer that is there (`0.weight` (6, 0) beside `2.weight`:
+    a zero-sized layer of the chain, which check_chain refuses) or every candidate is empty."""
+    full = [k for k in keys if tensors[k].numel()]
+    families = {family(k) for k in full}
+    return [k for k in keys if tensors[k].numel() or family(k) in families or not full]
 
 
 def _chains(keys: list[str], tensors: dict[str, torch.Tensor]) -> bool:
@@ -110,6 +122,54 @@ def _may_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> bool:
     return off in ([], [-1, 1])
 
 
+def _module_depth(a: str, b: str) -> int:
+    """How many leading dotted components two weights' module paths share (`blocks.0.mlp.fc1.weight` and
+    `blocks.0.mlp.fc2.weight`: 3)."""
+    depth = 0
+    for x, y in zip(a.split(".")[:-1], b.split(".")[:-1]):
+        if x != y:
+            break
+        depth += 1
+    return depth
+
+
+def block_mlps(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[list[str]]:
+    """One-hidden-layer MLPs inside a bigger model (a transformer's blocks): pairs of 2-D weights (h, d) and
+    (d, h), h != d, that share the deepest module path among such pairs. Ordered d -> h -> d with d the
+    width the file's other 2-D weights use most (a transformer's model width); gated MLPs are left out."""
+    votes: dict[int, int] = {}
+    for k in keys:
+        for n in tensors[k].shape:
+            votes[int(n)] = votes.get(int(n), 0) + 1
+    pairs: dict[tuple[str, str], None] = {}
+    for a in keys:
+        h, d = (int(n) for n in tensors[a].shape)
+        partners = [b for b in keys if b != a and h != d and tuple(tensors[b].shape) == (d, h)]
+        depths = {b: _module_depth(a, b) for b in partners}
+        deepest = max(depths.values(), default=0)
+        best = [b for b, depth in depths.items() if depth == deepest]
+        if deepest == 0 or len(best) != 1 or gate_partner(a, tensors) or gate_partner(best[0], tensors):
+            continue
+        up, down = (a, best[0]) if votes[d] >= votes[h] else (best[0], a)  # outer width: the file's common one
+        pairs[(up, down)] = None
+    return sorted((list(p) for p in pairs), key=lambda p: natural_key(p[0]))
+
+
+def _short_name(key: str) -> str:
+    return key.removesuffix(".weight")
+
+
+def suggest_blocks(keys: list[str], tensors: dict[str, torch.Tensor]) -> str | None:
+    """A hint naming one block's MLP as `--layers` when the file holds several MLPs inside a bigger model."""
+    blocks = block_mlps(keys, tensors)
+    if not blocks:
+        return None
+    shown = " or ".join(f"--layers {','.join(map(_short_name, b))}" for b in blocks[:2])
+    more = f" (and {len(blocks) - 2} more)" if len(blocks) > 2 else ""
+    return (f"the file holds more than one MLP (a bigger model, e.g. a transformer, with {len(blocks)} MLP "
+            f"block(s)); expand one block's MLP: {shown}{more}")
+
+
 def suggest_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> str:
     """`--layers a,b,c` for the unique longest chain among `keys`, or for each copy of the MLP when the
     file holds several (an EMA or SWA copy beside the model: `0.weight` and `ema.0.weight`); else ''."""
@@ -156,16 +216,19 @@ def order_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:
         return by_role
     if found == [] and transposed:
         raise _transposed(keys, tensors)
+    blocks = suggest_blocks(keys, tensors)
+    listed = _describe({k: v for k, v in tensors.items() if k in keys or v.ndim == 2}, LIST_ALL)
     if found == []:
-        raise FPEError(
+        raise ChainNotFoundError(
             f"the 2-D weights do not chain in any order (each layer's inputs must equal the previous layer's "
-            f"outputs): {_describe({k: tensors[k] for k in keys})}",
-            "check the checkpoint, or name the chain's weights in order with --layers" + suggest_chain(keys, tensors),
+            f"outputs): {listed}",
+            blocks or "check the checkpoint, or name the chain's weights in order with --layers" + suggest_chain(keys, tensors),
         )
-    several = f" (several orders fit the shapes: {' / '.join(','.join(o) for o in found)})" if found else ""
-    raise FPEError(
-        f"cannot tell the layer order from names and shapes{several}: {_describe({k: tensors[k] for k in keys})}",
-        "name the weights in order, e.g. --layers fc1.weight,fc2.weight",
+    several = " / ".join(",".join(o) for o in found) if found else ""
+    several = f" (several orders fit the shapes: {several[:400]}{'...' if len(several) > 400 else ''})" if found else ""
+    raise ChainNotFoundError(
+        f"cannot tell the layer order from names and shapes{several}: {listed}",
+        blocks or "name the weights in order, e.g. --layers fc1.weight,fc2.weight",
     )
 
 
@@ -221,9 +284,12 @@ def resolve_layer_names(names: list[str], tensors: dict[str, torch.Tensor]) -> l
         else:
             out.append(key)
     if missing:
+        two_d = {k: v for k, v in tensors.items() if v.ndim == 2}
+        under = {k: v for k, v in two_d.items() if any(k.startswith(f"{m}.") for m in missing)}
         raise FPEError(
             f"--layers names not in the file: {', '.join(missing)}",
-            f"found: {_describe({k: v for k, v in tensors.items() if v.ndim == 2})}",
+            f"2-D weights under {'those names' if len(missing) > 1 else 'that name'}: {_describe(under, LIST_ALL)}"
+            if under else f"found: {_describe(two_d, LIST_ALL)}",
         )
     return out
 
@@ -236,11 +302,12 @@ def discover_layers(tensors: dict[str, torch.Tensor], layer_names: list[str] | N
     else:
         keys = weight_candidates(user)
         if not keys:
-            raise FPEError(
+            raise ChainNotFoundError(
                 f"no 2-D weight found, so no MLP chain: {_describe(user) if user else 'the file holds no tensors'}",
                 "fpe reads MLP checkpoints: a chain of 2-D linear weights with optional biases",
             )
         keys = order_chain(keys, user)
+    refuse_gated(keys, user)
     layers = [_make_layer(k, user) for k in keys]
     problems = check_chain(layers)
     if problems and layer_names and _looks_transposed(keys, user):

@@ -22,6 +22,11 @@ class FPEError(Exception):
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 
 
+class ChainNotFoundError(FPEError):
+    """The file reads fine, but names and shapes do not determine one MLP chain (no 2-D weight, no order that
+    chains, several that do): `--layers` can still name one."""
+
+
 class OutputExistsError(FPEError):
     """An output is already there (before the work, or it appeared while fpe worked) and --force was not given."""
 

@@ -86,6 +86,46 @@ def refuse_hidden_weights(tensors: dict[str, torch.Tensor], named: list[str]) ->
             )
 
 
+# the two input branches of a gated MLP (GLU/SwiGLU: down(act(gate x) * (up x))), as Llama/Mistral
+# (`gate_proj`/`up_proj`, `w1`/`w3`), T5 (`wi_0`/`wi_1`) and others name them
+GATE_PARTNERS = {"gate_proj": "up_proj", "up_proj": "gate_proj", "w1": "w3", "w3": "w1", "wi_0": "wi_1",
+                 "wi_1": "wi_0", "gate": "up", "up": "gate"}
+# short names a plain MLP may use too (`w1`, `w2`, `w3` for three layers): gated only inside a feed-forward block
+GENERIC_BRANCHES = {"w1", "w3", "gate", "up"}
+FFN_WORDS = ("feed_forward", "feedforward", "ffn", "mlp", "expert")
+
+
+def gate_partner(key: str, tensors: dict[str, torch.Tensor]) -> str | None:
+    """The other input branch of the gated MLP that weight `key` belongs to, if the file holds one: a
+    tensor of the same module named as the key's partner (`mlp.gate_proj.weight` -> `mlp.up_proj.weight`)
+    with the same shape."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        partner = GATE_PARTNERS.get(parts[i])
+        if partner is None:
+            continue
+        if parts[i] in GENERIC_BRANCHES and not any(w in p.lower() for p in parts[:i] for w in FFN_WORDS):
+            return None
+        other = ".".join(parts[:i] + [partner] + parts[i + 1:])
+        if other in tensors and tuple(tensors[other].shape) == tuple(tensors[key].shape):
+            return other
+        return None
+    return None
+
+
+def refuse_gated(keys: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    """A layer of a gated MLP (named with --layers or found by shape) without its partner branch: the block
+    computes down(act(gate x) * (up x)), a product of two branches, which no chain of linear layers is."""
+    for key in keys:
+        other = gate_partner(key, tensors)
+        if other is not None and other not in keys:
+            raise FPEError(
+                f"{key} and {other}: the two input branches of a gated MLP (GLU/SwiGLU: down(act(gate x) * (up x))); "
+                "the product of two branches is not a chain of linear layers, so FPE does not apply to it",
+                "fpe expands plain MLPs (Linear, activation, Linear, ...); a gated block cannot be expanded by fpe",
+            )
+
+
 NORM_STATS = ("running_mean", "running_var")
 
 

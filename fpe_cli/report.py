@@ -135,7 +135,17 @@ def render_inspect(doc: dict, console: Console) -> None:
     if doc["unused_tensors"]:
         console.print(f"[yellow]not part of the chain:[/] {', '.join(doc['unused_tensors'])}")
     for k, v in sorted(doc["metadata"].items()):
-        console.print(f"  {k}: {v}", highlight=False, soft_wrap=True)
+        console.print(f"  {k}: {_shortened(v)}", highlight=False, soft_wrap=True)
+
+
+SHOWN_METADATA = 300  # characters of a metadata value the table view shows (a serialized config can be MBs)
+
+
+def _shortened(value) -> str:
+    text = str(value)
+    if len(text) <= SHOWN_METADATA:
+        return text
+    return f"{text[:SHOWN_METADATA]}... ({len(text):,} characters; --json shows all)"
 
 
 def render_verify(doc: dict, console: Console) -> None:

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from . import analysis as A
 from .checkpoint import Checkpoint, load_checkpoint
-from .errors import FPEError
+from .errors import ChainNotFoundError, FPEError
 from .outputs import atomic_output, check_writable, outputs_together
 from .report import markup_safe, print_table
 from .verify import non_finite_tensors
@@ -112,6 +112,21 @@ def _model_doc(m: ModelAnalysis, top: int) -> dict:
             "widths": c.mlp.widths, "expanded": c.mlp.is_expanded, "layers": [layer_doc(la, top) for la in m.layers]}
 
 
+def _load_compared(paths: list[Path], layers: list[str] | None, activation: str | None) -> list:
+    """The checkpoints to analyze. Without --layers, a dense model whose chain names and shapes do not
+    determine (an MLP inside a bigger model) is read with the chain its expansion records, as `fpe verify
+    --source` does."""
+    if layers is not None or len(paths) < 2:
+        return [load_checkpoint(p, layers, activation) for p in paths]
+    try:
+        first = load_checkpoint(paths[0], None, activation)
+    except ChainNotFoundError:
+        expanded = load_checkpoint(paths[1], None, activation)
+        recorded = [layer.weight_key for layer in expanded.mlp.layers]
+        return [load_checkpoint(paths[0], recorded, activation), expanded]
+    return [first, load_checkpoint(paths[1], None, activation)]
+
+
 def analyze_files(paths: list[Path], data: str | None = None, top: int = 10, layers: list[str] | None = None,
                   activation: str | None = None, samples: int | None = None, *, chunk: int = A.CHUNK,
                   progress=None) -> AnalyzeResult:
@@ -123,7 +138,7 @@ def analyze_files(paths: list[Path], data: str | None = None, top: int = 10, lay
     if samples is not None and data is None:
         raise FPEError("--samples limits the --data probe set, and no --data was given",
                        "pass --data, e.g. --data digits")
-    ckpts = [load_checkpoint(p, layers, activation) for p in paths]
+    ckpts = _load_compared(paths, layers, activation)
     for p, c in zip(paths, ckpts):  # NaN/Inf would silently turn into "all-zero" features and skipped rows
         bad = non_finite_tensors(c.mlp)
         if bad:

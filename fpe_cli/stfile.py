@@ -20,6 +20,7 @@ import torch
 
 from .errors import JSON_ERRORS, FPEError
 from .outputs import atomic_output
+from .shards import missing_file_hint, refuse_text
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle"}
@@ -51,7 +52,7 @@ def check_readable(path: Path) -> None:
     if path.is_symlink() and not path.exists():
         raise FPEError(f"{path}: a symbolic link to nothing (its target is missing, or it points to itself)")
     if not path.exists():
-        raise FPEError(f"{path}: no such file")
+        raise FPEError(f"{path}: no such file", missing_file_hint(path))
     if path.is_dir():
         raise FPEError(f"{path}: is a directory, expected a .safetensors file")
     if not path.is_file():  # a FIFO, a process substitution <(...), a device: reading could block forever
@@ -110,6 +111,7 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or n > size - 8:
             _refuse_pickle(path, head)
+            refuse_text(path)
             raise FPEError(f"{path}: not a safetensors file or truncated (header claims {n} bytes, file has {size})")
         raw = fh.read(n)
     try:
@@ -119,6 +121,7 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
     # ValueError: e.g. an integer of more than 4300 digits; RecursionError: absurdly deep nesting
     except (UnicodeDecodeError, *JSON_ERRORS):
         _refuse_pickle(path, head)
+        refuse_text(path)
         raise FPEError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         _refuse_pickle(path, head)
@@ -158,11 +161,11 @@ def _refuse_unknown_dtypes(path: Path, header: dict) -> None:
 
 def _validate_entries(path: Path, header: dict, data_len: int) -> None:
     _refuse_unknown_dtypes(path, header)
+    if "" in header:  # safetensors writes and reads it, but which layer it belongs to cannot be told
+        raise FPEError(f"{path}: a tensor has an empty name (''); fpe cannot tell what it is or which layer it "
+                       "belongs to", "give it a name (or leave it out) and save the file again")
     problems, spans, needed = [], [], 0
     for name, entry in header.items():
-        if not name:
-            problems.append("a tensor has an empty name")
-            continue
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             problems.append(f"{name}: entry lacks dtype/shape/data_offsets")
             continue
