@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from .shards import refuse_shard
 from .stfile import read_safetensors, write_safetensors
 
 LAYOUTS = ("plain", "dense", "packed")
+PLAN_SETTINGS = ("split", "clusters", "group_size", "expand_top")  # what shapes a split, recorded in a plan
 MAX_PLAN_ALPHA = 32767  # plans store child indices as int16 (and check_alpha refuses more)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -244,6 +245,7 @@ def load_checkpoint(path: Path, layers: list[str] | None = None, activation: str
     tensors, metadata = read_safetensors(path, digest)  # hashed as read: the hash is of these very bytes
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}  # stored bytes (as the header says)
     _check_format_version(metadata, path)
+    _refuse_other_artifacts(metadata, path)
     tensors, masks = unpack_packed(tensors)
     _check_no_stray_lineage(tensors)
     if layers is None:  # named layers are the user's choice
@@ -267,6 +269,18 @@ def load_checkpoint(path: Path, layers: list[str] | None = None, activation: str
     return Checkpoint(MLP(chain, act, dict(metadata)), layout, path, digest.hexdigest(), metadata, sizes, unused, act_source)
 
 
+def _refuse_other_artifacts(metadata: dict[str, str], path: Path) -> None:
+    """fpe's other safetensors artifacts are no model: a split plan, and a resume state (whose weights
+    lack the run's masks, lineage and activation, so reading it as an MLP computes another network)."""
+    kind = metadata.get("fpe.kind")
+    if kind == "plan":
+        raise FPEError(f"{path}: a split plan (written by fpe expand --save-plan), not a model",
+                       f"apply it to the model it was made for: fpe expand MODEL --plan {path}")
+    if kind == "resume-state":
+        raise FPEError(f"{path}: a resume state of an interrupted fpe finetune/train run, not a model",
+                       "continue the run: rerun the same command with --resume (the state lies beside its -o)")
+
+
 def refuse_weight_dtype(key: str, dtype: torch.dtype, what: str = "weights") -> None:
     """The chain's weights and biases must be float16, bfloat16, float32 or float64: fpe ranks, splits and runs them."""
     if dtype in FLOAT_DTYPES:
@@ -287,12 +301,27 @@ def check_finite(mlp: MLP) -> None:
         raise FPEError(f"non-finite (NaN or Inf) values in: {', '.join(bad)}", "fix or retrain the checkpoint")
 
 
+def _without_masks(mlp: MLP) -> MLP:
+    """The MLP for the plain layout, where a weight exists where it is non-zero: possible without loss only
+    for a file that is not expanded and whose masks are exactly its non-zero entries (a plain file
+    converted to packed or dense and back)."""
+    for layer in mlp.layers:
+        if layer.parents is not None or layer.tied is not None:
+            raise FPEError("the plain layout cannot store an expanded model's lineage and masks",
+                           "use --layout dense or packed")
+        if layer.mask is not None and not torch.equal(layer.mask, layer.weight != 0):
+            raise FPEError(f"the plain layout cannot store the mask of {layer.weight_key}: it holds weights that are "
+                           "exactly zero (or zeros off the mask), which plain files count as missing",
+                           "use --layout dense or packed")
+    return replace(mlp, layers=[replace(layer, mask=None) for layer in mlp.layers])
+
+
 def mlp_tensors(mlp: MLP, layout: str) -> dict[str, torch.Tensor]:
     """The tensors a layout stores for this MLP."""
     if layout not in LAYOUTS:
         raise FPEError(f"unknown layout {layout!r}", f"choose one of: {', '.join(LAYOUTS)}")
     if layout == "plain" and mlp.has_masks:
-        raise FPEError("the plain layout cannot store masks", "use --layout dense or packed")
+        mlp = _without_masks(mlp)
     out: dict[str, torch.Tensor] = {}
     for layer in mlp.layers:
         key = layer.weight_key
@@ -359,6 +388,7 @@ def save_plan(plan: SplitPlan, path: Path, *, source_sha256: str = "", force: bo
             "seed": plan.seed,
             "source_sha256": source_sha256,
             "layers": [{"weight_key": p.weight_key, "alpha": p.alpha, "split": p.split} for p in plan.layers],
+            **({"settings": plan.settings} if plan.settings else {}),
         }, sort_keys=True),
     }
     return write_safetensors(Path(path), tensors, meta, force=force)
@@ -392,4 +422,8 @@ def load_plan(path: Path) -> SplitPlan:
         layers.append(LayerPlan(key, alpha, str(entry.get("split", "unknown")), child.to(torch.int16), children))
     if not layers:
         raise FPEError(f"{path}: the plan has no layers")
-    return SplitPlan(layers, seed)
+    settings = info.get("settings")  # absent in plans written before fpe recorded them
+    if settings is not None and not (isinstance(settings, dict) and set(settings) <= set(PLAN_SETTINGS)):
+        raise FPEError(f"{path}: malformed plan metadata (settings must map some of {', '.join(PLAN_SETTINGS)})",
+                       "write the plan again with --save-plan")
+    return SplitPlan(layers, seed, settings)

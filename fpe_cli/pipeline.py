@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (Checkpoint, check_finite, load_checkpoint, load_plan, metadata_json, recorded_budget,
-                         save_checkpoint, save_plan)
+from .checkpoint import (PLAN_SETTINGS, Checkpoint, check_finite, load_checkpoint, load_plan, metadata_json,
+                         recorded_budget, save_checkpoint, save_plan)
 from .errors import JSON_ERRORS, FPEError, VerificationError
 from .expand import OUTGOING, ExpandResult, PlanInputs, expand_mlp, function_drift
 from .outputs import check_writable, outputs_together
@@ -81,13 +81,13 @@ def _resolve_settings(opts: ExpandOptions) -> dict:
     return settings
 
 
-PLAN_DECIDES = ("split", "clusters", "group_size", "expand_top")  # what a saved plan fixes by itself
-
-
 def _refuse_unused_with_plan(opts: ExpandOptions, recipe: dict) -> None:
     """Settings that only shape a computed split would be recorded in the output as if they had
-    produced the applied plan's split."""
-    given = [k for k in PLAN_DECIDES if getattr(opts, k) is not None or k in recipe]
+    produced the applied plan's split (a recipe's per-target `split` too: it would be dropped)."""
+    given = [k for k in PLAN_SETTINGS if getattr(opts, k) is not None or k in recipe]
+    targets = recipe.get("targets")
+    if isinstance(targets, list) and any(isinstance(t, dict) and "split" in t for t in targets) and "split" not in given:
+        given.append("split")
     if given:
         names = ", ".join(f"--{k.replace('_', '-')}" for k in given)
         raise FPEError(f"{names} cannot change an applied --plan (the plan fixes every split)",
@@ -166,7 +166,7 @@ def expand_file(opts: ExpandOptions, timings: dict[str, float] | None = None) ->
         check_finite(ckpt.mlp)
     plan = load_plan(opts.plan) if opts.plan else None
     if plan is not None:
-        _plan_settings(settings, plan, ckpt.mlp)
+        _plan_settings(settings, plan, ckpt.mlp, opts.plan)
     alpha = settings["alpha"] if settings["alpha"] is not None or plan is None else plan_alpha(plan)
     targets = select_targets(ckpt.mlp, parse_selection(settings["targets"], settings["ignore"]),
                              alpha, settings["split"], settings["expand_top"])
@@ -192,8 +192,11 @@ def expand_file(opts: ExpandOptions, timings: dict[str, float] | None = None) ->
     with _phase(timings, "expand"):
         result = expand_mlp(ckpt.mlp, targets, seed=settings["seed"], outgoing=settings["outgoing"], plan=plan,
                             inputs=inputs)
-    # the source's fine-tuning record describes the source, not this file (whose weights are untrained)
-    result.mlp.metadata = {k: v for k, v in result.mlp.metadata.items() if not k.startswith("fpe.finetune.")}
+    result.plan.settings = {k: settings[k] for k in PLAN_SETTINGS}  # saved with the plan (--save-plan)
+    # the source's training and fine-tuning records describe the source (its widths, its accuracy), not this file,
+    # whose weights are untrained; fpe.source_sha256 / fpe.source_file lead back to them
+    result.mlp.metadata = {k: v for k, v in result.mlp.metadata.items()
+                           if not k.startswith(("fpe.finetune.", "fpe.train."))}
     drift = None
     if opts.probe_samples:
         with _phase(timings, "drift"):
@@ -211,7 +214,7 @@ def expand_file(opts: ExpandOptions, timings: dict[str, float] | None = None) ->
     return expand_report(ckpt, result, settings, output, opts, size, drift)
 
 
-def _plan_settings(settings: dict, plan, mlp) -> None:
+def _plan_settings(settings: dict, plan, mlp, where: Path) -> None:
     """An applied plan's layers are the targets unless --targets/--ignore/a recipe say otherwise; its
     seed is the split's seed (another --seed would be recorded as if it had produced it)."""
     if not settings["targets"] and not settings["ignore"]:
@@ -224,6 +227,16 @@ def _plan_settings(settings: dict, plan, mlp) -> None:
     if settings["seed"] is not None and settings["seed"] != plan.seed:
         raise FPEError(f"--seed {settings['seed']} differs from the applied plan's seed {plan.seed}",
                        "leave --seed out: the plan's split was made with its own seed")
+    recorded = plan.settings or {}
+    splits = {p.split for p in plan.layers}
+    settings["split"] = recorded.get("split", splits.pop() if len(splits) == 1 else settings["split"])
+    for key in ("clusters", "group_size", "expand_top"):  # what made the split is recorded as such
+        settings[key] = recorded.get(key)
+    try:
+        check_settings(settings, ExpandOptions(where))
+    except FPEError as exc:
+        raise FPEError(f"{where}: the plan's recorded settings are malformed: {exc.message}",
+                       "write the plan again with --save-plan") from None
 
 
 def input_files(opts: ExpandOptions) -> tuple[Path, ...]:

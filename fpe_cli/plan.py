@@ -51,6 +51,7 @@ class LayerPlan:
 class SplitPlan:
     layers: list[LayerPlan]
     seed: int = 0
+    settings: dict | None = None  # what shaped the split (split, clusters, group_size, expand_top): recorded with it
 
     def for_key(self, key: str) -> LayerPlan | None:
         return next((p for p in self.layers if p.weight_key == key), None)

@@ -371,10 +371,11 @@ def test_convert_round_trip_is_lossless(tmp_path, deep_file):
     assert refuse.exit_code == 2 and "--force" in refuse.stderr
 
 
-def test_convert_plain_layout_refuses_masks(tmp_path, mlp_file):
+def test_convert_plain_layout_refuses_an_expansion(tmp_path, mlp_file):
+    """An expanded file's lineage and masks (which may hold weights of value 0) have no place in a plain file."""
     expand_ok(mlp_file, "--alpha", "2", "-o", "p.safetensors")
     res = run_cli(["convert", "p.safetensors", "--layout", "plain", "-o", "x.safetensors"])
-    assert res.exit_code == 2 and "plain layout cannot store masks" in res.stderr
+    assert res.exit_code == 2 and "plain layout cannot store an expanded model's lineage and masks" in res.stderr
     assert not (tmp_path / "x.safetensors").exists()
 
 

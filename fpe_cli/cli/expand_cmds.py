@@ -140,16 +140,21 @@ def verify(
 @handle_errors
 def convert(
     model: ModelArg,
-    layout: Annotated[str, typer.Option(help="Target layout: dense, packed or plain (plain: only for files without masks).")],
+    layout: Annotated[str, typer.Option(help="Target layout: dense, packed or plain (plain: files that are not "
+                                              "expanded and whose masks are their non-zero weights).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output file.")],
     force: ForceOpt = False,
     layers: LayersOpt = None,
     activation: ActivationOpt = None,
+    quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Lossless change of storage layout (packed <-> dense).
+    """Lossless change of storage layout (packed <-> dense, and back to plain for files that were plain).
 
     Example:  fpe convert model.fpe4.safetensors --layout dense -o model.fpe4.dense.safetensors
     """
     doc = _pipeline().convert_file(model, layout, output, force, parse_layers(layers), activation)
-    emit_json(doc) if json_out else report.render_convert(doc, err_console)
+    if json_out:
+        emit_json(doc)
+    elif not quiet:
+        report.render_convert(doc, err_console)
