@@ -32,6 +32,7 @@ STRIP = 4  # rows per strip (alpha siblings at alpha 4); fixed by the format
 # (long runs of zero bytes, few repeated strings) and about 3x faster
 ZLIB_LEVEL, ZLIB_STRATEGY = 1, zlib.Z_RLE
 CHUNK_ROWS = 1 << 14  # rows encoded/decoded at a time (a multiple of 2*STRIP keeps chunks byte-aligned)
+GATHER_CHUNK = 1 << 22  # entries gathered at a time when packing values (bounds numpy's index array)
 MAX_ZLIB_RATIO = 1032  # inflating yields at most ~1032 bytes per stream byte (RFC 1951's limit, rounded up)
 
 
@@ -152,11 +153,19 @@ def packed_values(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The masked entries in row-major order (a free view when every entry exists)."""
     if count_true(mask) == mask.numel():
         return weight.reshape(-1)
-    # numpy's compress of the flat arrays needs no int64 index array (torch's masked_select costs 8 bytes
-    # per entry) and is about 4x faster than a 2-D boolean index; integer views keep bfloat16, which
-    # numpy has no type for, bit-exact
+    # numpy's compress of flat arrays is about 4x faster than a 2-D boolean index, but builds an int64 index
+    # of the picked entries (8 bytes each, like torch's masked_select): done in chunks into one output, the
+    # index stays bounded by a chunk. Integer views keep bfloat16, which numpy has no type for, bit-exact.
     as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[weight.element_size()]
-    picked = np.compress(mask.contiguous().numpy().reshape(-1), weight.contiguous().view(as_int).numpy().reshape(-1))
+    values = weight.contiguous().view(as_int).numpy().reshape(-1)
+    flags = mask.contiguous().numpy().reshape(-1)
+    picked = np.empty(count_true(mask), dtype=values.dtype)
+    at = 0
+    for start in range(0, flags.size, GATHER_CHUNK):
+        part = flags[start:start + GATHER_CHUNK]
+        n = int(np.count_nonzero(part))
+        np.compress(part, values[start:start + GATHER_CHUNK], out=picked[at:at + n])
+        at += n
     return torch.from_numpy(picked).view(weight.dtype)
 
 

@@ -47,6 +47,26 @@ def test_zmask_matches_the_longhand_format_and_round_trips(mask, chunk):
         masks.CHUNK_ROWS = old
 
 
+@settings(max_examples=60, deadline=None)
+@given(mask=masks_strategy, chunk=st.sampled_from([1, 7, 64, 1 << 22]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]))
+def test_packed_values_are_the_masked_entries_in_row_major_order(mask, chunk, dtype):
+    """The chunked gather against a loop over the mask (chunks of 1 and 7 entries cross every boundary);
+    bit-exact in every dtype (bfloat16 goes through an integer view), -0.0 kept as -0.0."""
+    weight = torch.randn(mask.shape, generator=torch.Generator().manual_seed(mask.size)).to(dtype)
+    if weight.numel():
+        weight.view(-1)[0] = -0.0
+    old = masks.GATHER_CHUNK
+    masks.GATHER_CHUNK = chunk
+    try:
+        got = masks.packed_values(weight, torch.from_numpy(mask))
+    finally:
+        masks.GATHER_CHUNK = old
+    want = [weight[r, c] for r in range(mask.shape[0]) for c in range(mask.shape[1]) if mask[r, c] or mask.all()]
+    assert got.dtype == dtype and got.numel() == len(want)
+    assert all(torch.equal(g.reshape(1).view(torch.uint8), w.reshape(1).view(torch.uint8)) for g, w in zip(got, want))
+
+
 @settings(max_examples=30, deadline=None)
 @given(mask=masks_strategy)
 def test_version_1_bit_rows_round_trip(mask):
