@@ -105,7 +105,7 @@ def _paths(keys: list[str], tensors: dict[str, torch.Tensor], *, complete: bool,
 
     try:
         walk([], set(keys))
-    except _Budget:
+    except (_Budget, RecursionError):  # a chain deeper than the interpreter's stack: thousands of layers
         return None  # too many branches to tell
     return found
 
@@ -122,36 +122,35 @@ def _may_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> bool:
     return off in ([], [-1, 1])
 
 
-def _module_depth(a: str, b: str) -> int:
-    """How many leading dotted components two weights' module paths share (`blocks.0.mlp.fc1.weight` and
-    `blocks.0.mlp.fc2.weight`: 3)."""
-    depth = 0
-    for x, y in zip(a.split(".")[:-1], b.split(".")[:-1]):
-        if x != y:
-            break
-        depth += 1
-    return depth
-
-
 def block_mlps(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[list[str]]:
     """One-hidden-layer MLPs inside a bigger model (a transformer's blocks): pairs of 2-D weights (h, d) and
-    (d, h), h != d, that share the deepest module path among such pairs. Ordered d -> h -> d with d the
-    width the file's other 2-D weights use most (a transformer's model width); gated MLPs are left out."""
+    (d, h), h != d, that share the deepest module path among such pairs (`blocks.0.mlp` for `blocks.0.mlp.fc1`
+    and `blocks.0.mlp.fc2`). Ordered d -> h -> d with d the width the file's other 2-D weights use most (a
+    transformer's model width), or else the narrower one (MLP blocks widen); gated MLPs are left out.
+    Partners are looked up by (module path, shape), so thousands of weights (experts) cost linear time."""
     votes: dict[int, int] = {}
+    by_module: dict[tuple[tuple[str, ...], tuple[int, int]], list[str]] = {}
     for k in keys:
-        for n in tensors[k].shape:
-            votes[int(n)] = votes.get(int(n), 0) + 1
-    pairs: dict[tuple[str, str], None] = {}
+        shape = tuple(int(n) for n in tensors[k].shape)
+        path = tuple(k.split(".")[:-1])
+        for depth in range(1, len(path) + 1):
+            by_module.setdefault((path[:depth], shape), []).append(k)
+        for n in shape:
+            votes[n] = votes.get(n, 0) + 1
+    pairs: set[tuple[str, str]] = set()
     for a in keys:
         h, d = (int(n) for n in tensors[a].shape)
-        partners = [b for b in keys if b != a and h != d and tuple(tensors[b].shape) == (d, h)]
-        depths = {b: _module_depth(a, b) for b in partners}
-        deepest = max(depths.values(), default=0)
-        best = [b for b, depth in depths.items() if depth == deepest]
-        if deepest == 0 or len(best) != 1 or gate_partner(a, tensors) or gate_partner(best[0], tensors):
+        path = tuple(a.split(".")[:-1])
+        partners: list[str] = []
+        for depth in range(len(path), 0, -1):  # the deepest shared module with a partner of shape (d, h)
+            partners = [b for b in by_module.get((path[:depth], (d, h)), []) if b != a]
+            if partners:
+                break
+        if h == d or len(partners) != 1 or gate_partner(a, tensors) or gate_partner(partners[0], tensors):
             continue
-        up, down = (a, best[0]) if votes[d] >= votes[h] else (best[0], a)  # outer width: the file's common one
-        pairs[(up, down)] = None
+        b = partners[0]  # a maps d -> h, b maps h -> d: a first when d is the outer width
+        outer_d = votes[d] > votes[h] if votes[d] != votes[h] else d < h  # the file's common width, else widening
+        pairs.add((a, b) if outer_d else (b, a))
     return sorted((list(p) for p in pairs), key=lambda p: natural_key(p[0]))
 
 
@@ -217,7 +216,8 @@ def order_chain(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:
     if found == [] and transposed:
         raise _transposed(keys, tensors)
     blocks = suggest_blocks(keys, tensors)
-    listed = _describe({k: v for k, v in tensors.items() if k in keys or v.ndim == 2}, LIST_ALL)
+    chosen = set(keys)
+    listed = _describe({k: v for k, v in tensors.items() if k in chosen or v.ndim == 2}, LIST_ALL)
     if found == []:
         raise ChainNotFoundError(
             f"the 2-D weights do not chain in any order (each layer's inputs must equal the previous layer's "

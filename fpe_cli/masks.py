@@ -151,7 +151,8 @@ def unpack_weight(values: torch.Tensor, mask: torch.Tensor, name: str) -> tuple[
 
 def packed_values(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The masked entries in row-major order (a free view when every entry exists)."""
-    if count_true(mask) == mask.numel():
+    total = count_true(mask)
+    if total == mask.numel():
         return weight.reshape(-1)
     # numpy's compress of flat arrays is about 4x faster than a 2-D boolean index, but builds an int64 index
     # of the picked entries (8 bytes each, like torch's masked_select): done in chunks into one output, the
@@ -159,7 +160,7 @@ def packed_values(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[weight.element_size()]
     values = weight.contiguous().view(as_int).numpy().reshape(-1)
     flags = mask.contiguous().numpy().reshape(-1)
-    picked = np.empty(count_true(mask), dtype=values.dtype)
+    picked = np.empty(total, dtype=values.dtype)
     at = 0
     for start in range(0, flags.size, GATHER_CHUNK):
         part = flags[start:start + GATHER_CHUNK]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (PLAN_SETTINGS, Checkpoint, check_finite, load_checkpoint, load_plan, metadata_json,
-                         recorded_budget, save_checkpoint, save_plan)
+from .checkpoint import Checkpoint, check_finite, load_checkpoint, metadata_json, recorded_budget, save_checkpoint
+from .plan_file import PLAN_SETTINGS, load_plan, save_plan
 from .errors import JSON_ERRORS, FPEError, VerificationError
 from .expand import OUTGOING, ExpandResult, PlanInputs, expand_mlp, function_drift
 from .outputs import check_writable, outputs_together
@@ -83,11 +83,10 @@ def _resolve_settings(opts: ExpandOptions) -> dict:
 
 def _refuse_unused_with_plan(opts: ExpandOptions, recipe: dict) -> None:
     """Settings that only shape a computed split would be recorded in the output as if they had
-    produced the applied plan's split (a recipe's per-target `split` too: it would be dropped)."""
-    given = [k for k in PLAN_SETTINGS if getattr(opts, k) is not None or k in recipe]
+    produced the applied plan's split (a recipe target's own `split`/`expand_top` too: it would be dropped)."""
     targets = recipe.get("targets")
-    if isinstance(targets, list) and any(isinstance(t, dict) and "split" in t for t in targets) and "split" not in given:
-        given.append("split")
+    per_target = {k for t in (targets if isinstance(targets, list) else []) if isinstance(t, dict) for k in t}
+    given = [k for k in PLAN_SETTINGS if getattr(opts, k) is not None or k in recipe or k in per_target]
     if given:
         names = ", ".join(f"--{k.replace('_', '-')}" for k in given)
         raise FPEError(f"{names} cannot change an applied --plan (the plan fixes every split)",
@@ -216,7 +215,8 @@ def expand_file(opts: ExpandOptions, timings: dict[str, float] | None = None) ->
 
 def _plan_settings(settings: dict, plan, mlp, where: Path) -> None:
     """An applied plan's layers are the targets unless --targets/--ignore/a recipe say otherwise; its
-    seed is the split's seed (another --seed would be recorded as if it had produced it)."""
+    seed is the split's seed (another --seed would be recorded as if it had produced it), and the settings
+    it records (split, clusters, group size, expand-top) are the ones the output records."""
     if not settings["targets"] and not settings["ignore"]:
         hidden = [layer.weight_key for layer in mlp.layers[:-1]]
         foreign = [p.weight_key for p in plan.layers if p.weight_key not in hidden]
@@ -228,8 +228,9 @@ def _plan_settings(settings: dict, plan, mlp, where: Path) -> None:
         raise FPEError(f"--seed {settings['seed']} differs from the applied plan's seed {plan.seed}",
                        "leave --seed out: the plan's split was made with its own seed")
     recorded = plan.settings or {}
-    splits = {p.split for p in plan.layers}
-    settings["split"] = recorded.get("split", splits.pop() if len(splits) == 1 else settings["split"])
+    splits = {p.split for p in plan.layers}  # a plan written before settings were recorded: its layers' split
+    known = splits.pop() if len(splits) == 1 and splits <= set(STRATEGIES) else settings["split"]
+    settings["split"] = recorded.get("split", known)
     for key in ("clusters", "group_size", "expand_top"):  # what made the split is recorded as such
         settings[key] = recorded.get(key)
     try:

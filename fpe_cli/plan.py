@@ -104,16 +104,20 @@ def _rank_within_rows(keys: torch.Tensor) -> torch.Tensor:
 
 
 def stable_row_order(keys: torch.Tensor) -> torch.Tensor:
-    """(r, d) non-negative float32 keys -> int64 (r, d): each row's stable ascending argsort.
+    """(r, d) float32 keys >= +0.0 -> int64 (r, d): each row's stable ascending argsort.
 
-    Non-negative floats order like their int32 bit patterns (< 2**31), so the key bits shifted left with
-    the column index in the low bits are distinct integers that order exactly like (key, column): an
-    unstable sort of them gives the stable argsort, and the index is read back from the low bits.
-    numpy's integer sort (SIMD where the CPU has it) is about 10x faster than torch's stable argsort.
+    Such floats order like their int32 bit patterns (< 2**31; -0.0 would not), so the key bits shifted
+    left with the column index in the low bits are distinct integers that order exactly like (key,
+    column): an unstable sort of them gives the stable argsort, and the index is read back from the low
+    bits. numpy's integer sort (SIMD where the CPU has it) is about 10x faster than torch's stable argsort.
     """
+    if keys.dtype != torch.float32:
+        raise TypeError(f"stable_row_order sorts float32 keys, got {keys.dtype}")
     d = keys.shape[1]
     shift = max(1, (d - 1).bit_length())
-    combined = (keys.contiguous().view(torch.int32).numpy().astype(np.int64) << shift) | np.arange(d, dtype=np.int64)
+    combined = keys.contiguous().view(torch.int32).numpy().astype(np.int64)  # the one (r, d) int64 buffer
+    combined <<= shift
+    combined |= np.arange(d, dtype=np.int64)
     combined.sort(axis=1)
     combined &= (1 << shift) - 1
     return torch.from_numpy(combined)

@@ -90,7 +90,8 @@ def refuse_hidden_weights(tensors: dict[str, torch.Tensor], named: list[str]) ->
 # (`gate_proj`/`up_proj`, `w1`/`w3`), T5 (`wi_0`/`wi_1`) and others name them
 GATE_PARTNERS = {"gate_proj": "up_proj", "up_proj": "gate_proj", "w1": "w3", "w3": "w1", "wi_0": "wi_1",
                  "wi_1": "wi_0", "gate": "up", "up": "gate"}
-# short names a plain MLP may use too (`w1`, `w2`, `w3` for three layers): gated only inside a feed-forward block
+# short names a plain MLP may use too (`w1`, `w2`, `w3` for three layers): gated only inside a feed-forward
+# block and where the branch widens (a gated block's branches are (h, d) with h != d)
 GENERIC_BRANCHES = {"w1", "w3", "gate", "up"}
 FFN_WORDS = ("feed_forward", "feedforward", "ffn", "mlp", "expert")
 
@@ -104,8 +105,9 @@ def gate_partner(key: str, tensors: dict[str, torch.Tensor]) -> str | None:
         partner = GATE_PARTNERS.get(parts[i])
         if partner is None:
             continue
-        if parts[i] in GENERIC_BRANCHES and not any(w in p.lower() for p in parts[:i] for w in FFN_WORDS):
-            return None
+        square = tensors[key].ndim == 2 and tensors[key].shape[0] == tensors[key].shape[1]
+        if parts[i] in GENERIC_BRANCHES and (square or not any(w in p.lower() for p in parts[:i] for w in FFN_WORDS)):
+            return None  # a gated block widens (h != d); square `mlp.w1`/`mlp.w3` are layers of a plain MLP
         other = ".".join(parts[:i] + [partner] + parts[i + 1:])
         if other in tensors and tuple(tensors[other].shape) == tuple(tensors[key].shape):
             return other

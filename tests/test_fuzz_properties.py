@@ -35,7 +35,8 @@ from hypothesis import Phase, event, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import run_cli
-from fpe_cli.checkpoint import load_checkpoint, load_plan, recorded_budget, save_checkpoint, save_plan
+from fpe_cli.checkpoint import load_checkpoint, recorded_budget, save_checkpoint
+from fpe_cli.plan_file import load_plan, save_plan
 from fpe_cli.errors import FPEError
 from fpe_cli.expand import PlanInputs, Target, expand_mlp
 from fpe_cli.model import MLP, Layer, check_chain

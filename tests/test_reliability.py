@@ -38,7 +38,8 @@ from safetensors.torch import save_file
 
 from conftest import assert_one_error_line, listing, run_cli
 from corpus.make_corpus import Case, join_file, make_corpus, read_all, split_file
-from fpe_cli.checkpoint import load_checkpoint, load_plan
+from fpe_cli.checkpoint import load_checkpoint
+from fpe_cli.plan_file import load_plan
 from fpe_cli.cli.common import app
 from fpe_cli.errors import FPEError
 from fpe_cli.plan import validate_layer_plan

@@ -235,11 +235,59 @@ def test_a_json_or_text_file_is_not_called_truncated(tmp_path):
         assert "truncated" not in line and "header claims" not in line, line
 
 
-def test_a_shard_that_holds_a_whole_mlp_without_an_index_beside_it_is_read_as_a_model(tmp_path):
-    """A file merely named like a shard, with no index beside it, is an ordinary checkpoint."""
-    save_file(_mlp_state(), str(tmp_path / "model-00001-of-00001.safetensors"))
-    doc = run_cli(["params", "--json", "model-00001-of-00001.safetensors"]).json()
-    assert doc["total"]["weights"] == 12 * 8 + 8 * 3 and doc["total"]["biases"] == 11
+def test_files_merely_named_like_shards_without_an_index_are_ordinary_checkpoints(tmp_path):
+    """Without an index beside it a name says nothing: `model-00001-of-00001`, and cross-validation folds or
+    training steps named `fold-1-of-5` beside `fold-2-of-5`, are each a whole model."""
+    sd = _mlp_state()
+    for name in ("model-00001-of-00001.safetensors", "fold-1-of-5.safetensors", "fold-2-of-5.safetensors"):
+        save_file(sd, str(tmp_path / name))
+    for name in ("model-00001-of-00001.safetensors", "fold-1-of-5.safetensors"):
+        doc = run_cli(["params", "--json", name]).json()
+        assert doc["total"]["weights"] == _weights(sd) and doc["total"]["biases"] == _biases(sd)
+
+
+def test_a_shard_holding_the_whole_chain_that_layers_names_is_read(tmp_path):
+    """One block's MLP of a sharded big model, when every weight and bias of the named chain sits in this
+    shard: `--layers` reads it without merging the whole model (the other shard holds other blocks); a
+    chain whose bias the index puts in the other shard is refused, naming that bias."""
+    sd = _tiny_transformer()
+    block0 = {k: v for k, v in sd.items() if k.startswith("blocks.0.")}
+    first, _ = _write_shards(tmp_path, "model", [block0, {k: v for k, v in sd.items() if k not in block0}])
+    layers = ["--layers", "blocks.0.mlp.fc1,blocks.0.mlp.fc2"]
+    res = run_cli(["expand", first.name, "--alpha", "2", "-q", "--layout", "dense", "-o", "x.safetensors", *layers])
+    assert res.exit_code == 0, res.stderr
+    _dense_output_oracle(sd, load_file(str(tmp_path / "x.safetensors")), "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight", 2)
+    assert run_cli(["verify", "x.safetensors", "--source", first.name]).exit_code == 0
+    assert_one_error_line(run_cli(["params", first.name]), "one of 2 shards")  # without --layers: not the model
+    split = {k: v for k, v in block0.items() if k != "blocks.0.mlp.fc2.bias"}
+    (tmp_path / "b").mkdir()
+    first, _ = _write_shards(tmp_path / "b", "model", [split, {"blocks.0.mlp.fc2.bias": sd["blocks.0.mlp.fc2.bias"]}])
+    assert_one_error_line(run_cli(["params", first, *layers]), "tensor(s) the chain needs", "blocks.0.mlp.fc2.bias")
+
+
+def test_a_fifo_or_a_huge_file_named_like_an_index_is_never_read(tmp_path):
+    """`refuse_shard` looks at every `*.index.json` beside the model: a FIFO there would block the read
+    forever, and a huge file would be parsed on every load. Both are skipped (a real process, with a
+    timeout, so that a regression fails instead of hanging the suite)."""
+    save_file(_mlp_state(), str(tmp_path / "model.safetensors"))
+    os.mkfifo(tmp_path / "pipe.index.json")
+    with open(tmp_path / "big.safetensors.index.json", "wb") as fh:
+        fh.truncate((64 << 20) + 1)  # sparse: no disk used
+    out = subprocess.run([sys.executable, "-m", "fpe_cli", "params", "model.safetensors"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_the_merge_recipe_is_prose_where_a_path_cannot_be_quoted(tmp_path):
+    """A path with a quote or `$` cannot be pasted into the double-quoted one-liner: the hint says the same
+    thing in words instead of printing a command that would fail."""
+    sd = _mlp_state()
+    where = tmp_path / "it's $HOME"
+    where.mkdir()
+    _write_shards(where, "model", [{k: sd[k] for k in ("0.weight", "0.bias")}, {k: sd[k] for k in ("2.weight", "2.bias")}])
+    line = assert_one_error_line(run_cli(["params", where / "model.safetensors.index.json"]), "index of a sharded checkpoint",
+                                 "load_file every shard that model.safetensors.index.json lists")
+    assert "python -c" not in line
 
 
 # ================================================================ 2. dtypes fpe does not list
@@ -274,6 +322,52 @@ def test_weights_of_another_safetensors_dtype_are_refused_by_name_not_called_cor
     res = run_cli(["expand", "m.safetensors", "--alpha", "2", "-q"])
     line = assert_one_error_line(res, "0.weight", str(EXTRA_DTYPES[name]).removeprefix("torch."))
     assert "corrupt" not in line.lower(), line
+
+
+def test_a_float8_e8m0_scale_written_by_hand_is_an_extra_or_named(tmp_path):
+    """F8_E8M0 (microscaling exponents) is newer than the safetensors writer here: a hand-written header.
+    Beside the MLP it is an extra where this torch has the dtype, else the line names the dtype."""
+    sd = _mlp_state()
+    keys = list(sd)
+    path = _raw_safetensors(tmp_path / "m.safetensors", sd, header_order=keys, data_order=keys)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    end = max(e["data_offsets"][1] for e in header.values())
+    header["e8m0_scale"] = {"dtype": "F8_E8M0", "shape": [4], "data_offsets": [end, end + 4]}
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    path.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n:] + bytes([127, 128, 126, 127]))
+    res = run_cli(["inspect", "--json", "m.safetensors"])
+    if hasattr(torch, "float8_e8m0fnu"):
+        assert res.exit_code == 0, res.stderr
+        assert res.json()["unused_tensors"] == ["e8m0_scale"] and res.json()["widths"] == [12, 8, 3]
+    else:
+        assert_one_error_line(res, "e8m0_scale", "dtype F8_E8M0", "cannot read")
+
+
+def test_complex_weights_are_refused_by_name(tmp_path):
+    save_file({k: v.to(torch.complex64) if k == "2.weight" else v for k, v in _mlp_state().items()},
+              str(tmp_path / "c.safetensors"))
+    line = assert_one_error_line(run_cli(["expand", "c.safetensors", "--alpha", "2"]), "2.weight", "complex")
+    assert "corrupt" not in line and "dequantize" not in line
+
+
+def test_plain_again_is_refused_where_a_mask_keeps_a_weight_of_value_zero(tmp_path):
+    """plain -> dense -> plain is lossless only while every masked weight is non-zero: a dense file whose mask
+    keeps a weight that is exactly 0 (as training can leave it) cannot become plain, which would count that
+    weight as missing; nothing is written."""
+    save_file(_mlp_state(), str(tmp_path / "p.safetensors"))
+    assert run_cli(["convert", "p.safetensors", "--layout", "dense", "-o", "d.safetensors", "-q"]).exit_code == 0
+    t = load_file(str(tmp_path / "d.safetensors"))
+    with safe_open(str(tmp_path / "d.safetensors"), "pt") as fh:
+        meta = fh.metadata()
+    t["0.weight"][0, 0] = 0.0
+    assert bool(t["fpe.mask:0.weight"][0, 0])
+    save_file(t, str(tmp_path / "z.safetensors"), metadata=meta)
+    assert_one_error_line(run_cli(["convert", "z.safetensors", "--layout", "plain", "-o", "back.safetensors"]),
+                          "0.weight", "exactly zero")
+    assert not (tmp_path / "back.safetensors").exists()
 
 
 # ================================================================ 3. headers from other writers
@@ -552,6 +646,26 @@ def test_a_gated_mlp_is_not_expanded_as_a_plain_one(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
     line = assert_one_error_line(run_cli(["expand", "l.safetensors", "--alpha", "2"]))
     assert "gate_proj,model.layers.0.mlp.down_proj" not in line and "up_proj,model" not in line, line
+
+
+def test_a_square_plain_mlp_in_an_mlp_module_is_not_taken_for_a_gated_one(tmp_path):
+    """`mlp.w1`/`mlp.w2`/`mlp.w3`, all 16x16: a gated block's branches widen, so these are plain layers, and
+    `--layers` may pick two of them."""
+    g = torch.Generator().manual_seed(1)
+    save_file({f"mlp.w{i}": torch.randn(16, 16, generator=g) for i in (1, 2, 3)}, str(tmp_path / "sq.safetensors"))
+    res = run_cli(["expand", "sq.safetensors", "--alpha", "2", "-q", "--layers", "mlp.w1,mlp.w2", "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert res.json()["hidden_widths_after"] == [32]
+
+
+def test_a_file_of_mlp_blocks_alone_suggests_each_block_once_and_widening(tmp_path):
+    """Two `up`/`down` MLP blocks and nothing else: several orders chain, and the widths cannot tell which
+    way each block runs (no attention weights vote for the model width), so the widening order is taken
+    (8 -> 32 -> 8, not down,up: 32 -> 8 -> 32, which name order would give), each block once."""
+    src = {k.replace("fc1", "up").replace("fc2", "down"): v for k, v in _tiny_transformer().items() if ".mlp." in k}
+    save_file(src, str(tmp_path / "b.safetensors"))
+    line = assert_one_error_line(run_cli(["expand", "b.safetensors", "--alpha", "2"]), "2 MLP block(s)")
+    assert "--layers blocks.0.mlp.up,blocks.0.mlp.down or --layers blocks.1.mlp.up,blocks.1.mlp.down" in line, line
 
 
 def test_a_plain_mlp_named_w1_w2_w3_is_not_taken_for_a_gated_one(tmp_path):

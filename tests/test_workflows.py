@@ -237,6 +237,56 @@ def test_a_recipe_targets_split_beside_a_plan_is_refused_like_the_flag(work, tmp
     assert not (tmp_path / "b.safetensors").exists()
 
 
+def test_a_recipe_targets_expand_top_beside_a_plan_is_refused(work, tmp_path):
+    """A recipe target's own `expand_top:` beside --plan would be dropped (the plan fixes which parents split),
+    like its `split:`; refused, nothing written."""
+    dense = fresh(work, tmp_path, "dense")
+    plan = tmp_path / "plan.safetensors"
+    ok("expand", dense, "--alpha", "4", "--save-plan", plan, "--probe-samples", "0", "-o", tmp_path / "a.safetensors")
+    (tmp_path / "per.yaml").write_text('targets:\n  - match: "0"\n    expand_top: 2\n')
+    assert_one_error_line(run_cli(["expand", dense, "--plan", plan, "--recipe", tmp_path / "per.yaml",
+                                   "-o", tmp_path / "b.safetensors"]), "--expand-top", "--plan")
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def _rewrite_plan(plan: Path, edit) -> None:
+    from safetensors.torch import save_file as st_save
+    tensors, m = load_file(str(plan)), meta(plan)
+    info = json.loads(m["fpe.plan"])
+    edit(info)
+    m["fpe.plan"] = json.dumps(info)
+    st_save(tensors, str(plan), metadata=m)
+
+
+def test_a_plan_written_before_settings_were_recorded_still_applies(work, tmp_path):
+    """Plans from earlier fpe versions record no settings: the layers' own split is taken (the output says
+    gram), and one without a split at all (read as 'unknown') falls back to the default; both apply and give
+    the plan's tensors."""
+    dense = fresh(work, tmp_path, "dense")
+    a, plan = tmp_path / "a.safetensors", tmp_path / "plan.safetensors"
+    ok("expand", dense, "--alpha", "2", "--split", "gram", "--save-plan", plan, "--probe-samples", "0", "-o", a)
+    _rewrite_plan(plan, lambda info: info.pop("settings"))
+    ok("expand", dense, "--plan", plan, "--probe-samples", "0", "-o", tmp_path / "b.safetensors")
+    assert same_tensors(a, tmp_path / "b.safetensors") == []
+    assert meta_json(tmp_path / "b.safetensors", "fpe.settings")["default_split"] == "gram"
+    _rewrite_plan(plan, lambda info: [layer.pop("split") for layer in info["layers"]])
+    ok("expand", dense, "--plan", plan, "--probe-samples", "0", "-o", tmp_path / "c.safetensors")
+    assert same_tensors(a, tmp_path / "c.safetensors") == []
+    assert meta_json(tmp_path / "c.safetensors", "fpe.settings")["default_split"] == "random"
+
+
+@pytest.mark.parametrize("settings, needle", [("abc", "settings must map"), ({"colour": 1}, "settings must map"),
+                                              ({"group_size": -3}, "recorded settings are malformed"),
+                                              ({"split": "magic"}, "recorded settings are malformed")])
+def test_a_plan_with_malformed_settings_is_refused(work, tmp_path, settings, needle):
+    dense = fresh(work, tmp_path, "dense")
+    plan = tmp_path / "plan.safetensors"
+    ok("expand", dense, "--alpha", "2", "--save-plan", plan, "--probe-samples", "0", "-o", tmp_path / "a.safetensors")
+    _rewrite_plan(plan, lambda info: info.update(settings=settings))
+    assert_one_error_line(run_cli(["expand", dense, "--plan", plan, "-o", tmp_path / "b.safetensors"]), needle)
+    assert not (tmp_path / "b.safetensors").exists()
+
+
 def interrupted_state(tmp_path, monkeypatch, model: Path, data: Path, *opt) -> Path:
     """Ctrl-C during the third epoch of `fpe finetune --checkpoint-every 1`: its resume state stays behind."""
     from fpe_cli import train as train_mod
@@ -320,20 +370,14 @@ def test_a_plain_file_converted_to_a_masked_layout_converts_back_to_plain(work, 
 def test_a_fresh_expansion_does_not_present_its_sources_training_record_as_its_own(work, tmp_path):
     """expand drops the source's fpe.finetune.* because it describes the source, not the untrained expansion;
     it once kept fpe.train.*, so the expanded file claimed the dense model's hidden widths and test accuracy.
-    No training record on a fresh expansion may disagree with the file's own widths or accuracy."""
-    e4 = work["e4"]
-    assert "fpe.train.metrics" in meta(work["dense"])  # the source has a record that is its own
+    Each file's records are its own: the source's training record, none on the fresh expansion, and the
+    fine-tuned file's record of its own accuracy."""
+    dense, e4, e4ft = work["dense"], work["e4"], work["e4ft"]
+    assert meta_json(dense, "fpe.train.settings")["hidden"] == ok("inspect", dense)["widths"][1:-1]
     assert not [k for k in meta(e4) if k.startswith(("fpe.train.", "fpe.finetune."))]
-    widths = ok("inspect", e4)["widths"]
-    own = ok("evaluate", e4, "--data", work["data"])["models"][0]["test"]["accuracy"]
-    for key in ("fpe.train.settings", "fpe.finetune.settings"):
-        rec = meta_json(e4, key)
-        if rec is not None and "hidden" in rec:
-            assert rec["hidden"] == widths[1:-1], (key, rec["hidden"], widths)
-    for key in ("fpe.train.metrics", "fpe.finetune.metrics"):
-        rec = meta_json(e4, key)
-        if rec is not None:
-            assert rec["test"]["accuracy"] == pytest.approx(own, abs=1e-12), (key, rec["test"]["accuracy"], own)
+    own = ok("evaluate", e4ft, "--data", work["data"])["models"][0]["test"]["accuracy"]
+    assert meta_json(e4ft, "fpe.finetune.metrics")["test"]["accuracy"] == pytest.approx(own, abs=1e-12)
+    assert not [k for k in meta(e4ft) if k.startswith("fpe.train.")]
 
 
 def test_convert_takes_quiet_like_every_other_command_that_writes(work, tmp_path):
