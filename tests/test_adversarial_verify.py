@@ -303,3 +303,45 @@ def test_a_boolean_budget_is_malformed_and_expanding_a_finetuned_file_drops_its_
         assert not any(k.startswith("fpe.finetune.") for k in fh.metadata())
     doc = json.loads(run_cli(["verify", again, "--source", tuned, "--json"]).stdout)
     assert doc["ok"] and "weights equal the source's" in doc["checks"]
+
+
+# ---------------------------------------------------------------- the fast checks against plain references
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fpe_cli.verify import _differ, all_finite  # noqa: E402
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(0, 3000), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+       bad=st.lists(st.tuples(st.integers(0, 2999), st.sampled_from([float("nan"), float("inf"), float("-inf")])),
+                    max_size=3), seed=st.integers(0, 2**31 - 1))
+def test_all_finite_is_isfinite_all(n, dtype, bad, seed):
+    """The extremes-based finiteness check against torch.isfinite(t).all(), NaN and +-Inf anywhere."""
+    t = (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 1e3).to(dtype)
+    for i, v in bad:
+        if i < n:
+            t[i] = v
+    assert all_finite(t) == bool(torch.isfinite(t).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+def test_differ_counts_what_a_float64_loop_counts_on_the_support(seed, dtype):
+    """Entries differing by more than one unit in the last place, among `where` only: against a loop."""
+    g = torch.Generator().manual_seed(seed)
+    want = torch.randn(7, 9, generator=g).to(dtype)
+    have = want.clone()
+    eps = torch.finfo(dtype).eps
+    change = torch.rand(7, 9, generator=g)
+    have[change < 0.2] = have[change < 0.2] * (1 + 8 * eps)  # a few units: differs
+    have[change > 0.9] = torch.nextafter(have[change > 0.9].to(torch.float32), torch.tensor(float("inf"))).to(dtype) \
+        if dtype == torch.float32 else have[change > 0.9]  # one float32 ulp: rounding, not a difference
+    where = torch.rand(7, 9, generator=g) < 0.6
+    got = _differ(have, want, where)
+    for i in range(7):
+        for j in range(9):
+            h, w = float(have[i, j]), float(want[i, j])
+            expect = bool(where[i, j]) and abs(h - w) > eps * max(abs(h), abs(w))
+            assert bool(got[i, j]) == expect, (i, j, h, w)
