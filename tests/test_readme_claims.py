@@ -26,7 +26,7 @@ from safetensors.numpy import load_file as load_np
 import fpe_cli.cli  # noqa: F401  (registers every command)
 from fpe_cli.cli.common import app
 
-from conftest import assert_one_error_line, read_header_raw, run_cli, save_mlp, save_tensors
+from conftest import assert_one_error_line, read_header_raw, run_cli, save_mlp, save_tensors, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -952,8 +952,10 @@ def test_each_documented_exit_code_occurs_in_its_situation(tmp_path, code):
     elif code == 130:
         assert "SIGTERM" in meaning
         out = tmp_path / "long.safetensors"
-        proc = _fpe_process(["finetune", src, "--data", "digits", "--epochs", "100000", "-o", out], cwd=tmp_path)
-        time.sleep(2.0)
+        proc = _fpe_process(["finetune", src, "--data", "digits", "--epochs", "100000", "--checkpoint-every", "1",
+                             "-o", out], cwd=tmp_path)
+        # training is under way once the first resume state is there (a fixed sleep flaked under load)
+        wait_until(proc, lambda: (tmp_path / "long.resume.safetensors").exists())
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 130, (proc.returncode, err)
