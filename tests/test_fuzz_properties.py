@@ -40,7 +40,7 @@ from fpe_cli.plan_file import load_plan, save_plan
 from fpe_cli.errors import FPEError
 from fpe_cli.expand import PlanInputs, Target, expand_mlp
 from fpe_cli.model import MLP, Layer, check_chain
-from fpe_cli.stfile import read_safetensors, write_safetensors
+from fpe_cli.stfile import read_safetensors
 from fpe_cli.verify import check_invariants, model_counts
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

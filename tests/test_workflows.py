@@ -13,7 +13,6 @@ commuting, plans across layouts, every stage through evaluate and analyze agains
 from __future__ import annotations
 
 import json
-import math
 import zlib
 from pathlib import Path
 
