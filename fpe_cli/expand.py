@@ -25,7 +25,8 @@ import hashlib
 import torch
 
 from .errors import FPEError
-from .model import MLP, Layer, count_true, empty_rows, first_of_groups, forward, hidden_activations, sibling_sum
+from .model import (MLP, Layer, count_true, empty_rows, first_of_groups, forward, hidden_activations, row_blocks,
+                    sibling_sum)
 from .plan import LayerPlan, SplitPlan, plan_layer, validate_layer_plan
 
 OUTGOING = ("copy", "split", "tie")
@@ -123,7 +124,6 @@ class Origin:
         return cls(layer.weight, layer.support())
 
 
-PRUNE_CHUNK = 1 << 22  # elements per step when scanning a layer (bounds temporaries)
 DIGIT = 16  # bits per radix-select pass
 
 
@@ -150,12 +150,6 @@ class _Key:
         return cls(torch.float32, torch.int32, 32, 0x7F80)
 
 
-def _row_chunks(rows: int, cols: int):
-    step = max(1, PRUNE_CHUNK // max(1, cols))
-    for start in range(0, rows, step):
-        yield slice(start, start + step)
-
-
 def _column_groups(origin: Origin):
     """(columns, multiplicity) pairs covering the origin's columns; columns is a slice when all share one."""
     if origin.copies is None:
@@ -174,7 +168,7 @@ def _magnitude_bits(origin: Origin, key: _Key):
     """
     rows, cols = origin.weight.shape
     for columns, copies in _column_groups(origin):
-        for r in _row_chunks(rows, cols):
+        for r in row_blocks(rows, cols):
             w, m = origin.weight[r][:, columns], origin.mask[r][:, columns]
             bits = w.abs().to(key.float_dtype).view(key.int_dtype)
             yield torch.where(m, bits, key.not_a_weight).view(-1), copies, m.numel() - count_true(m)
@@ -224,7 +218,7 @@ def _prune_layer(layer: Layer, threshold: float, ties_to_prune: int) -> tuple[in
     Magnitudes are compared in float64 (exact for every float dtype, and a Python float threshold is one)."""
     before = count_true(layer.mask)
     limit = torch.tensor(threshold, dtype=torch.float64)
-    for rows in _row_chunks(layer.out_features, layer.in_features):
+    for rows in row_blocks(layer.out_features, layer.in_features):
         w, mask = layer.weight[rows], layer.mask[rows]
         mag, bound = w.abs(), limit
         if w.dtype != torch.float64:  # float32 compares exactly when the threshold is a float32 value

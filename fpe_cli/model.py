@@ -71,9 +71,25 @@ def count_true(mask: torch.Tensor) -> int:
     return int(np.count_nonzero(mask.numpy()))
 
 
+def true_per_row(mask: torch.Tensor) -> torch.Tensor:
+    """int64 (rows,): True entries per row of a bool (rows, cols) CPU tensor (numpy's count is several times
+    torch's sum)."""
+    return torch.from_numpy(np.count_nonzero(mask.numpy(), axis=1).astype(np.int64))
+
+
 def empty_rows(mask: torch.Tensor) -> int:
     """Rows of a bool (rows, cols) CPU tensor without any True entry (numpy's any is ~100x torch's here)."""
     return int(mask.shape[0] - np.count_nonzero(mask.numpy().any(axis=1)))
+
+
+BLOCK_ENTRIES = 1 << 22  # entries per row block when a pass over a large layer bounds its temporaries
+
+
+def row_blocks(rows: int, cols: int, entries: int = BLOCK_ENTRIES):
+    """Slices of consecutive rows of a (rows, cols) matrix, about `entries` entries each (at least one row)."""
+    step = max(1, entries // max(1, cols))
+    for start in range(0, rows, step):
+        yield slice(start, start + step)
 
 
 def first_of_groups(tied: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 
 from .analysis import polysemanticity
 from .errors import FPEError
+from .model import true_per_row
 
 STRATEGIES = ("random", "structured", "clause", "gram", "activation")
 ROW_CHUNK = 1024  # rows planned at a time (bounded memory; fixed so results never depend on it)
@@ -68,7 +69,7 @@ def check_alpha_value(alpha: int) -> None:
 def check_alpha(alpha: int, support: torch.Tensor, key: str) -> None:
     """alpha must be a valid value and no parent may have fewer edges than alpha."""
     check_alpha_value(alpha)
-    counts = edges_per_row(support)
+    counts = true_per_row(support)
     short = (counts < alpha).nonzero().flatten()
     if short.numel():
         i = int(short[0])
@@ -78,11 +79,6 @@ def check_alpha(alpha: int, support: torch.Tensor, key: str) -> None:
             "expand only the neurons that have enough edges with --expand-top N, lower --alpha, "
             "or leave this layer out with --ignore",
         )
-
-
-def edges_per_row(support: torch.Tensor) -> torch.Tensor:
-    """int64 (h,): True entries per row of a bool (h, d) tensor (numpy's count is several times torch's sum)."""
-    return torch.from_numpy(np.count_nonzero(support.numpy(), axis=1).astype(np.int64))
 
 
 def _owner_by_place(n: torch.Tensor, d: int, alpha: int) -> torch.Tensor:
@@ -132,7 +128,7 @@ def plan_random(support: torch.Tensor, alpha: int, generator: torch.Generator) -
         keys = torch.rand(sup.shape, generator=generator)
         keys[~sup] = 2.0  # non-edges sort last
         order = stable_row_order(keys)  # (r, d): edges in random order (ties by column), then non-edges
-        owner = _owner_by_place(edges_per_row(sup), d, alpha)  # (r, d) by place
+        owner = _owner_by_place(true_per_row(sup), d, alpha)  # (r, d) by place
         child[start:start + ROW_CHUNK].scatter_(1, order, owner)
     return child
 

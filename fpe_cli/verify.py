@@ -21,7 +21,7 @@ import json
 import torch
 
 from .errors import JSON_ERRORS
-from .model import MLP, Layer, count_true, effective_weight, first_of_groups
+from .model import MLP, Layer, count_true, effective_weight, first_of_groups, row_blocks
 
 
 def _col_parents(mlp: MLP, index: int) -> torch.Tensor | None:
@@ -172,25 +172,20 @@ def _differ(have: torch.Tensor, want: torch.Tensor, where: torch.Tensor | None =
     unequal = have != want
     if where is not None:
         unequal &= where
-    if not bool(unequal.any()):
-        return unequal
-    h, w = have[unequal].to(torch.float64), want[unequal].to(torch.float64)
-    unequal[unequal.clone()] = (h - w).abs() > eps * torch.maximum(h.abs(), w.abs())
+    at = unequal.nonzero(as_tuple=True)  # usually empty
+    if at[0].numel():
+        h, w = have[at].to(torch.float64), want[at].to(torch.float64)
+        unequal[at] = (h - w).abs() > eps * torch.maximum(h.abs(), w.abs())
     return unequal
-
-
-VALUE_CHUNK = 1 << 22  # entries compared at a time (float64 temporaries of a whole widened layer took GBs)
 
 
 def _count_differing(layer: Layer, want: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> int:
     """Weights on the layer's support that differ from `want` (source-sized) seen through the lineage
-    (`want[rows][:, cols]`), compared a bounded block of rows at a time."""
-    support, step = layer.support(), max(1, VALUE_CHUNK // max(1, layer.in_features))
-    n = 0
-    for start in range(0, layer.out_features, step):
-        block = slice(start, start + step)
-        n += count_true(_differ(layer.weight[block], want[rows[block]][:, cols], support[block]))
-    return n
+    (`want[rows][:, cols]`), compared a bounded block of rows at a time (float64 temporaries of a whole
+    widened layer took GBs)."""
+    support = layer.support()
+    return sum(count_true(_differ(layer.weight[block], want[rows[block]][:, cols], support[block]))
+               for block in row_blocks(layer.out_features, layer.in_features))
 
 
 def compares_values(mlp: MLP) -> bool:
