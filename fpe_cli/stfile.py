@@ -99,6 +99,13 @@ class _DuplicateKey(ValueError):
     pass
 
 
+def _refuse_other_formats(path: Path, head: bytes) -> None:
+    """Called once a file failed to parse as safetensors: say what it is instead, if that can be told (a
+    torch.save or pickle file, a numpy .npz, a shard index or another text file)."""
+    _refuse_pickle(path, head)
+    refuse_text(path)
+
+
 def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
     """Parse and validate the header: (tensor entries, metadata, offset of the data section)."""
     check_readable(path)
@@ -106,12 +113,11 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
-            _refuse_pickle(path, head)
+            _refuse_other_formats(path, head)
             raise FPEError(f"{path}: not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or n > size - 8:
-            _refuse_pickle(path, head)
-            refuse_text(path)
+            _refuse_other_formats(path, head)
             raise FPEError(f"{path}: not a safetensors file or truncated (header claims {n} bytes, file has {size})")
         raw = fh.read(n)
     try:
@@ -120,11 +126,10 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
         raise FPEError(f"{path}: corrupt safetensors header: duplicate key {exc.args[0]!r}") from None
     # ValueError: e.g. an integer of more than 4300 digits; RecursionError: absurdly deep nesting
     except (UnicodeDecodeError, *JSON_ERRORS):
-        _refuse_pickle(path, head)
-        refuse_text(path)
+        _refuse_other_formats(path, head)
         raise FPEError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
-        _refuse_pickle(path, head)
+        _refuse_other_formats(path, head)
         raise FPEError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata  # null is what safetensors itself accepts for "none"
