@@ -29,9 +29,9 @@ from .discovery import FPE_PREFIX, discover_layers, natural_key
 from .errors import JSON_ERRORS, FPEError
 from .masks import encode_zmask, packed_values, unpack_packed
 from .model import MLP, Layer, activation_fn, effective_weight, first_of_groups
-from .verify import non_finite_tensors
 from .shards import refuse_shard
 from .stfile import read_safetensors, write_safetensors
+from .verify import non_finite_tensors
 
 LAYOUTS = ("plain", "dense", "packed")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

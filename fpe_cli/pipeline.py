@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, check_finite, load_checkpoint, metadata_json, recorded_budget, save_checkpoint
-from .plan_file import PLAN_SETTINGS, load_plan, save_plan
 from .errors import JSON_ERRORS, FPEError, VerificationError
 from .expand import OUTGOING, ExpandResult, PlanInputs, expand_mlp, function_drift
 from .outputs import check_writable, outputs_together
+from .plan_file import PLAN_SETTINGS, load_plan, save_plan
 from .plan import STRATEGIES
 from .recipe import check_expand_top, load_clause_map, load_recipe, parse_selection, select_targets
 from .stfile import read_header, sha256_file
@@ -99,10 +99,8 @@ def _int_or_none(settings: dict, key: str, low: int, high: int = 2**63 - 1) -> N
         raise FPEError(f"{key.replace('_', '-')} must be an integer in [{low}, {high}], got {value!r}")
 
 
-def check_settings(settings: dict, opts: ExpandOptions) -> None:
-    """Types and ranges of every setting (flags or recipe), and flags that would be silently unused."""
-    if isinstance(opts.probe_samples, bool) or not isinstance(opts.probe_samples, int) or opts.probe_samples < 0:
-        raise FPEError(f"--probe-samples must be an integer >= 0 (0 skips the drift), got {opts.probe_samples!r}")
+def check_setting_values(settings: dict, expand_top_name: str = "expand_top") -> None:
+    """Types and ranges of every setting, and how they combine (flags, a recipe, or a plan's record)."""
     _int_or_none(settings, "seed", 0)
     _int_or_none(settings, "clusters", 1)
     _int_or_none(settings, "group_size", 1)
@@ -111,9 +109,16 @@ def check_settings(settings: dict, opts: ExpandOptions) -> None:
             raise FPEError(f"{key} must be a name, got {settings[key]!r}")
         if settings[key] not in names:  # before any file is read or an output checked
             raise FPEError(f"unknown {key} {settings[key]!r}", f"choose one of: {', '.join(names)}")
-    check_expand_top(settings["expand_top"], "--expand-top" if opts.expand_top is not None else "expand_top")
+    check_expand_top(settings["expand_top"], expand_top_name)
     if settings["group_size"] is not None and settings["split"] != "random":
         raise FPEError(f"--group-size applies to --split random, not {settings['split']}")
+
+
+def check_settings(settings: dict, opts: ExpandOptions) -> None:
+    """Every setting (flags or recipe), and flags that would be silently unused."""
+    if isinstance(opts.probe_samples, bool) or not isinstance(opts.probe_samples, int) or opts.probe_samples < 0:
+        raise FPEError(f"--probe-samples must be an integer >= 0 (0 skips the drift), got {opts.probe_samples!r}")
+    check_setting_values(settings, "--expand-top" if opts.expand_top is not None else "expand_top")
     if opts.clause_map is not None and settings["split"] != "clause" and opts.recipe is None:
         raise FPEError(f"--clause-map is only used by --split clause (the split is {settings['split']})")
 
@@ -234,7 +239,7 @@ def _plan_settings(settings: dict, plan, mlp, where: Path) -> None:
     for key in ("clusters", "group_size", "expand_top"):  # what made the split is recorded as such
         settings[key] = recorded.get(key)
     try:
-        check_settings(settings, ExpandOptions(where))
+        check_setting_values(settings)
     except FPEError as exc:
         raise FPEError(f"{where}: the plan's recorded settings are malformed: {exc.message}",
                        "write the plan again with --save-plan") from None
