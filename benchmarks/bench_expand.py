@@ -23,7 +23,6 @@ Ratios are what to compare across machines; absolute times vary.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -72,27 +71,16 @@ def required_work(src: Path, probe_samples: int, repeat: int) -> dict[str, float
     sha256 the input, and the drift's dense forward pass twice (the expanded model's forward has as many
     non-zero weights, so at least the same arithmetic)."""
     import torch
-    from safetensors.torch import load_file
 
-    def read_and_hash():
-        digest = hashlib.sha256()
-        with open(src, "rb") as fh:
-            while block := fh.read(1 << 22):
-                digest.update(block)
+    from fpe_cli.checkpoint import load_checkpoint
+    from fpe_cli.model import forward
+    from fpe_cli.stfile import sha256_file
 
-    tensors = load_file(str(src))
-    weights = [tensors[k] for k in sorted((k for k in tensors if k.endswith(".weight")), key=lambda k: int(k.split(".")[0]))]
-    x = torch.randn(probe_samples, weights[0].shape[1])
-
-    def dense_forward():
-        h = x
-        for i, w in enumerate(weights):
-            h = h @ w.T
-            h = torch.relu(h) if i < len(weights) - 1 else h
-
-    out = {"read_sha256": timed(read_and_hash, repeat)}
+    out = {"read_sha256": timed(lambda: sha256_file(src), repeat)}
     if probe_samples:
-        out["drift_two_dense_forwards"] = 2 * timed(dense_forward, repeat)
+        mlp = load_checkpoint(src).mlp
+        x = torch.randn(probe_samples, mlp.widths[0])
+        out["drift_two_dense_forwards"] = 2 * timed(lambda: forward(mlp, x), repeat)  # as function_drift runs it
     return out
 
 

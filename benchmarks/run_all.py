@@ -54,6 +54,7 @@ def rows_of(name: str, doc: dict) -> list[tuple[str, str, float]]:
                  (r["forward_vs_dense"], r["fwd_bwd_vs_dense"])) for r in doc["rows"]]
     if name.startswith("expand"):
         return [(name, "fpe expand / I/O floor", doc["fpe_over_floor"]),
+                (name, "lower bound (floor + required work alone) / I/O floor", doc["lower_bound_over_floor"]),
                 (name, "peak RSS / dense-layout output", doc["peak_over_dense_output"]),
                 (name, "packed file / dense input", doc["packed_over_input"])]
     if name.startswith("finetune"):

@@ -24,6 +24,8 @@ def test_bench_layers_runs():
 def test_bench_expand_runs():
     doc = json.loads(run_script("benchmarks/bench_expand.py", "--size", "16x64", "--repeat", "1", "--json"))
     assert doc["packed_over_input"] > 0 and doc["peak_rss_bytes"] >= doc["import_rss_bytes"] > 0
+    assert set(doc["required_s"]) == {"read_sha256", "drift_two_dense_forwards"}  # the lower bound's parts
+    assert doc["lower_bound_over_floor"] == (doc["floor_s"] + sum(doc["required_s"].values())) / doc["floor_s"] > 1
 
 
 def test_run_all_prints_one_table_of_every_benchmark():

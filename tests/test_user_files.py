@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_one_error_line, run_cli
+from conftest import assert_one_error_line, make_sequential, run_cli, state_tensors
 
 
 # ---------------------------------------------------------------- builders
@@ -30,13 +30,7 @@ from conftest import assert_one_error_line, run_cli
 
 def _mlp_state(widths=(12, 8, 3), seed=0) -> dict[str, torch.Tensor]:
     """nn.Sequential(Linear, ReLU, Linear, ...) state dict: keys 0.weight, 0.bias, 2.weight, ..."""
-    torch.manual_seed(seed)
-    mods = []
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
-        mods.append(torch.nn.Linear(a, b))
-        if i < len(widths) - 2:
-            mods.append(torch.nn.ReLU())
-    return {k: v.detach().clone().contiguous() for k, v in torch.nn.Sequential(*mods).state_dict().items()}
+    return state_tensors(make_sequential(list(widths), seed=seed))
 
 
 def _weights(sd):
